@@ -1,0 +1,109 @@
+"""Physical channel surgery: masked network -> smaller dense network."""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import numpy as np
+
+from legr_jax.models import PrunableNet, from_config
+
+
+def _get(tree, site: str):
+  for k in site.split("/"):
+    tree = tree[k]
+  return tree
+
+
+def _set(tree: dict, site: str, value) -> None:
+  keys = site.split("/")
+  for k in keys[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[keys[-1]] = value
+
+
+def kept_channels(spec, masks) -> dict[str, np.ndarray]:
+  """Group name -> sorted int indices of channels whose mask is 1.
+
+  Masks must be concrete 0/1 values (not traced, not soft).
+  """
+  spec.check_masks(masks)
+  keep = {}
+  for g in spec.groups:
+    try:
+      m = np.asarray(masks[g.name], np.float32)
+    except jax.errors.TracerArrayConversionError:
+      raise ValueError("slice_network needs concrete masks; call it outside "
+                       "jit.") from None
+    if not np.all((m == 0) | (m == 1)):
+      raise ValueError(f"mask of group {g.name!r} is not 0/1; binarize it "
+                       "(e.g. masks > 0.5) before slicing.")
+    keep[g.name] = np.flatnonzero(m)
+  return keep
+
+
+def slice_network(net: PrunableNet, variables, masks):
+  """Removes masked channels physically.
+
+  Args:
+    net: the network the masks refer to.
+    variables: its ``{'params', 'batch_stats'}``.
+    masks: 0/1 group masks (every group keeps at least one channel).
+  Returns:
+    ``(small_net, small_variables)``: a dense network with the same call
+    signature whose eval-mode logits equal ``net.apply(variables, x, masks)``;
+    ``small_net.config`` (JSON-serializable) rebuilds it with
+    `legr_jax.models.from_config`.
+  """
+  spec = net.spec
+  keep = kept_channels(spec, masks)
+  config = copy.deepcopy(net.config)
+  widths = dict(config.get("widths", {}))
+  index_maps = dict(config.get("index_maps", {}))
+  for c in spec.convs:
+    if not c.depthwise:
+      widths[c.name] = int(keep[c.out_group].size)
+  for s in spec.shortcuts:
+    dst, src = keep[s.out_group], keep[s.in_group]
+    position = {int(i): p for p, i in enumerate(src)}
+    widths[s.name] = int(dst.size)
+    index_maps[s.name] = [position.get(s.index_map[j], -1) for j in dst]
+  config["widths"] = widths
+  config["index_maps"] = index_maps
+
+  params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  stats = jax.tree_util.tree_map(np.asarray, variables.get("batch_stats", {}))
+  new_params: dict = {}
+  new_stats: dict = {}
+  for c in spec.convs:
+    out_idx = keep[c.out_group]
+    kernel = _get(params, c.name)["conv"]["kernel"]  # [kh, kw, cin/g, cout]
+    if not c.depthwise and c.in_group is not None:
+      kernel = kernel[:, :, keep[c.in_group], :]
+    _set(new_params, c.name + "/conv/kernel", kernel[..., out_idx])
+    for k, v in _get(params, c.name)["bn"].items():
+      _set(new_params, f"{c.name}/bn/{k}", v[out_idx])
+    for k, v in _get(stats, c.name)["bn"].items():
+      _set(new_stats, f"{c.name}/bn/{k}", v[out_idx])
+  d = spec.dense
+  dense = _get(params, d.name)["dense"]
+  kernel = dense["kernel"]
+  if d.in_group is not None:
+    kernel = kernel[keep[d.in_group], :]
+  _set(new_params, d.name + "/dense/kernel", kernel)
+  _set(new_params, d.name + "/dense/bias", dense["bias"])
+
+  small_net = from_config(config)
+  small_variables = {"params": new_params, "batch_stats": new_stats}
+  expected = jax.eval_shape(small_net.init, jax.random.key(0))
+  got = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape,
+                                                              a.dtype),
+                               small_variables)
+  if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(
+      got) or jax.tree_util.tree_leaves(expected) != jax.tree_util.tree_leaves(
+          got):
+    raise RuntimeError("internal error: sliced variables do not match the "
+                       "sliced network's declaration")
+  small_variables = jax.tree_util.tree_map(jax.numpy.asarray, small_variables)
+  return small_net, small_variables
