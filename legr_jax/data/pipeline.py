@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from legr_jax.data import augment as augment_lib
+from legr_jax.data import augmentation as augment_lib
 from legr_jax.data.splits import TAG_AUGMENT, TAG_ORDER
 
 

@@ -46,8 +46,12 @@ def open_sources(name: str, splits: Sequence[str], *, data_dir: str | None,
     if download:
       raise RuntimeError(f"could not download/prepare TFDS {name!r} into "
                          f"{data_dir}: {e}") from e
+    existing = os.path.join(data_dir, name)
+    extra = (f"A copy exists in {existing} but cannot be read ({e}); "
+             "tfds.data_source needs the array_record format."
+             if os.path.isdir(existing) else "")
     raise NotPreparedError(PREPARE_HINT.format(
-        name=name, data_dir=data_dir, extra=f"(TFDS said: {e})")) from e
+        name=name, data_dir=data_dir, extra=extra)) from e
   return dict(zip(splits, sources)), info
 
 
