@@ -1,0 +1,456 @@
+"""`fit`: the training driver (checkpoints, resume, NaN stop, metrics), and
+`load_trained` to get a trained network back from its workdir.
+
+Workdir layout::
+
+  workdir/config.json     TrainConfig of the run
+  workdir/net.json        network config (`legr_jax.models.from_config`)
+  workdir/masks.npz       group masks the run trained with (if any)
+  workdir/checkpoints/    orbax CheckpointManager (last k + best by val acc)
+  workdir/metrics.jsonl   one JSON record per line (train / val / test / event)
+  workdir/result.json     final metrics, written when the run completes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from legr_jax import data as data_lib
+from legr_jax import models
+from legr_jax.train import checkpoint as ckpt_lib
+from legr_jax.train import optim, parallel
+from legr_jax.train import step as step_lib
+from legr_jax.train.config import TrainConfig, differences
+from legr_jax.train.evaluate import evaluate
+from legr_jax.train.progress import Progress
+
+RUN_FILES = ("config.json", "net.json", "masks.npz", "checkpoints",
+             "metrics.jsonl", "result.json")
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The loss (or the parameters) became NaN or infinite."""
+
+
+class WorkdirConflictError(RuntimeError):
+  """The workdir holds a different run."""
+
+
+@dataclasses.dataclass
+class FitResult:
+  net: Any
+  variables: dict
+  result: dict
+  workdir: str
+
+
+# --- workdir ------------------------------------------------------------------
+
+
+def _path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name)
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _masks_to_numpy(masks) -> dict[str, np.ndarray] | None:
+  if masks is None:
+    return None
+  return {k: np.asarray(v, np.float32) for k, v in masks.items()}
+
+
+def load_masks(workdir: str) -> dict[str, np.ndarray] | None:
+  """The masks a run trained with (None if it trained unmasked)."""
+  path = _path(workdir, "masks.npz")
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as f:
+    return {k.replace("|", "/"): f[k] for k in f.files}
+
+
+def _save_masks(workdir: str, masks) -> None:
+  np.savez(_path(workdir, "masks.npz"),
+           **{k.replace("/", "|"): v for k, v in masks.items()})
+
+
+def _same_masks(a, b) -> bool:
+  if a is None or b is None:
+    return a is None and b is None
+  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def prepare_workdir(workdir: str, config: TrainConfig, net_config: dict,
+                    masks, *, overwrite: bool = False,
+                    log: Callable[[str], None] = print) -> bool:
+  """Makes ``workdir`` ready for this run. Returns True when resuming.
+
+  A workdir holding the same run (equal config apart from operational
+  fields, same network and masks) is resumed. A different run raises
+  `WorkdirConflictError` unless ``overwrite``, which deletes that run's files
+  (only the files a run writes, see `RUN_FILES`) and starts over.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  present = [f for f in RUN_FILES if os.path.exists(_path(workdir, f))]
+  conflict = None
+  if present and "config.json" not in present:
+    conflict = f"it holds {present} but no config.json"
+  elif present:
+    old = TrainConfig.from_dict(_read_json(_path(workdir, "config.json")))
+    diff = differences(old, config)
+    old_net = (_read_json(_path(workdir, "net.json"))
+               if "net.json" in present else None)
+    if old_net is not None and old_net != json.loads(json.dumps(net_config)):
+      diff["network"] = ("(saved net.json)", "(this network)")
+    if not _same_masks(load_masks(workdir), masks):
+      diff["masks"] = ("(saved masks.npz)", "(these masks)")
+    if diff:
+      conflict = "it holds a different run: " + "; ".join(
+          f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+  if conflict and not overwrite:
+    raise WorkdirConflictError(
+        f"refusing to train in {workdir}: {conflict}. Choose another workdir,"
+        " or pass overwrite=True (--overwrite) to delete that run and start "
+        "over.")
+  if present and (overwrite or conflict):
+    log(f"overwrite: deleting the previous run in {workdir}: {present}")
+    for f in present:
+      p = _path(workdir, f)
+      shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    present = []
+  if present:
+    return True
+  _write_json(_path(workdir, "config.json"), config.to_dict())
+  _write_json(_path(workdir, "net.json"), net_config)
+  if masks is not None:
+    _save_masks(workdir, masks)
+  return False
+
+
+class MetricsLog:
+  """Appends JSON records to workdir/metrics.jsonl (flushed per record)."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def write(self, record: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Records of metrics.jsonl; records that a resume superseded (written
+  after the checkpoint the run resumed from) are dropped."""
+  path = _path(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  out = []
+  for r in records:
+    if r.get("event") == "resume":
+      out = [o for o in out if o.get("step", 0) <= r["step"]]
+    out.append(r)
+  return out
+
+
+# --- training -----------------------------------------------------------------
+
+
+def _tree_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+_all_finite = jax.jit(_tree_finite)
+
+
+def build_optimizer(config: TrainConfig, steps_per_epoch: int):
+  """(optimizer, schedule) of ``config`` for ``steps_per_epoch``."""
+  schedule = optim.make_schedule(
+      config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+      schedule=config.schedule, milestones=config.milestones,
+      gamma=config.gamma, warmup_epochs=config.warmup_epochs)
+  optimizer = optim.make_optimizer(schedule, momentum=config.momentum,
+                                   nesterov=config.nesterov,
+                                   weight_decay=config.weight_decay)
+  return optimizer, schedule
+
+
+def load_dataset(config: TrainConfig, **kw) -> data_lib.Dataset:
+  return data_lib.get_dataset(config.dataset, data_dir=config.data_dir,
+                              val_fraction=config.val_fraction,
+                              val_size=config.val_size, seed=config.split_seed,
+                              **kw)
+
+
+def fit(config: TrainConfig, workdir: str, *, net=None,
+        variables: dict | None = None, masks: dict | None = None,
+        dataset: data_lib.Dataset | None = None, overwrite: bool = False,
+        download: bool = False, mesh=None, progress: bool = True,
+        log: Callable[[str], None] = print,
+        crash_at_step: int | None = None) -> FitResult:
+  """Trains ``config`` in ``workdir``, resuming if it holds the same run.
+
+  Args:
+    config: the run.
+    workdir: where config, checkpoints, metrics and results live.
+    net: the network (default: ``models.get(config.model, ...)`` sized for
+      the data set); e.g. a sliced network for fine-tuning.
+    variables: initial variables (default: ``net.init``), e.g. pretrained.
+    masks: group masks applied in every forward pass (saved to masks.npz).
+    dataset: the data (default: `load_dataset(config)`).
+    overwrite: delete a different run found in ``workdir`` and start over.
+    download: let TFDS download missing data.
+    mesh: device mesh (default: all local devices, batch split over them).
+    progress: show a progress bar on stderr.
+    log: where status lines go.
+    crash_at_step: testing aid: SIGKILL this process right after this step.
+  Returns:
+    `FitResult` with the final variables and the result dict (also in
+    workdir/result.json).
+  Raises:
+    WorkdirConflictError: ``workdir`` holds a different run.
+    TrainingDivergedError: NaN/inf loss; the last good checkpoint is kept.
+  """
+  session_t0 = time.perf_counter()
+  ds = dataset or load_dataset(config, download=download)
+  if net is None:
+    net = models.get(config.model, num_classes=ds.num_classes,
+                     input_shape=ds.image_shape, **config.model_kwargs)
+  np_masks = _masks_to_numpy(masks)
+  resuming = prepare_workdir(workdir, config, net.config, np_masks,
+                             overwrite=overwrite, log=log)
+  metrics_log = MetricsLog(_path(workdir, "metrics.jsonl"))
+  manager = ckpt_lib.make_manager(_path(workdir, "checkpoints"),
+                                  keep=config.keep_checkpoints)
+
+  mesh = mesh or parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  spe = data_lib.num_batches(len(ds.train), config.batch_size)
+  if spe == 0:
+    raise ValueError(f"the training split ({len(ds.train)} examples) is "
+                     f"smaller than one batch ({config.batch_size})")
+  total_steps = config.epochs * spe
+  optimizer, schedule = build_optimizer(config, spe)
+  rep = parallel.replicated(mesh)
+  init = lambda: step_lib.init_train_state(  # noqa: E731
+      net, jax.random.PRNGKey(config.seed), optimizer, variables)
+  dev_masks = (parallel.replicate(jax.tree.map(jnp.asarray, np_masks), mesh)
+               if np_masks is not None else None)
+
+  # Finished already?
+  result_path = _path(workdir, "result.json")
+  if resuming and os.path.exists(result_path):
+    result = _read_json(result_path)
+    log(f"{workdir} holds a finished run of this config "
+        f"(test accuracy {result.get('test_accuracy')}); nothing to do.")
+    latest = manager.latest_step()
+    state, _ = ckpt_lib.restore(manager, latest, ckpt_lib.abstract_like(
+        jax.eval_shape(init), rep))
+    manager.close()
+    return FitResult(net, state.variables, result, workdir)
+
+  meta0 = {"train_time_s": 0.0}
+  latest = manager.latest_step() if resuming else None
+  if latest is not None:
+    state, meta0 = ckpt_lib.restore(manager, latest, ckpt_lib.abstract_like(
+        jax.eval_shape(init), rep))
+    if meta0.get("steps_per_epoch") != spe:
+      raise WorkdirConflictError(
+          f"checkpoint {latest} in {workdir} was made with "
+          f"{meta0.get('steps_per_epoch')} steps per epoch, this data gives "
+          f"{spe}; the data set changed")
+    log(f"resuming {workdir} from step {latest} (epoch {latest / spe:.2f})")
+    metrics_log.write({"event": "resume", "step": latest, "time": time.time()})
+  else:
+    state = parallel.replicate(init(), mesh)
+    if resuming:
+      log(f"{workdir} holds this run's config but no checkpoint; starting at "
+          "step 0")
+    metrics_log.write({"event": "start", "step": 0, "time": time.time(),
+                       "devices": mesh.devices.size,
+                       "dataset": ds.summary()})
+  start = latest or 0
+  train_time = float(meta0.get("train_time_s", 0.0))
+  best = {"val_accuracy": meta0.get("best_val_accuracy"),
+          "step": meta0.get("best_step")}
+
+  step_fn = parallel.make_train_step(
+      net, optimizer, mesh, label_smoothing=config.label_smoothing,
+      compute_dtype=config.compute_dtype)
+  augment = ds.augment if config.augment is None else config.augment
+  eval_kw = dict(mean=ds.mean, std=ds.std, mesh=mesh,
+                 compute_dtype=config.compute_dtype)
+  bar = Progress(total_steps, initial=start, desc="train",
+                 stream=None if progress else open(os.devnull, "w"))
+  log(f"data: {ds.summary()}; model: {net!r}; {mesh.devices.size} device(s); "
+      f"{spe} steps/epoch, {total_steps} steps")
+
+  pending: list = []
+  window_t0 = time.perf_counter()
+  window_images = 0
+  last_val = {}
+
+  def flush(s: int) -> None:
+    """Checks the pending step metrics and logs their mean."""
+    nonlocal pending, window_t0, window_images
+    if not pending:
+      return
+    values = jax.device_get(pending)
+    losses = np.array([v["loss"] for v in values])
+    if not np.all(np.isfinite(losses)):
+      bad = s - len(values) + int(np.argmax(~np.isfinite(losses))) + 1
+      _diverged(f"loss is {losses[~np.isfinite(losses)][0]} at step {bad}")
+    dt = time.perf_counter() - window_t0
+    record = {"split": "train", "step": s, "epoch": round(s / spe, 4),
+              "loss": float(losses.mean()),
+              "accuracy": float(np.mean([v["accuracy"] for v in values])),
+              "lr": float(schedule(s - 1)),
+              "images_per_s": round(window_images / max(dt, 1e-9), 2),
+              "time": time.time()}
+    metrics_log.write(record)
+    bar.update(s, loss=record["loss"], acc=record["accuracy"],
+               epoch=f"{s / spe:.2f}")
+    pending, window_t0, window_images = [], time.perf_counter(), 0
+
+  def _diverged(what: str) -> None:
+    latest_ok = manager.latest_step()
+    metrics_log.write({"event": "diverged", "detail": what,
+                       "last_checkpoint": latest_ok, "time": time.time()})
+    bar.close()
+    manager.close()
+    raise TrainingDivergedError(
+        f"training diverged: {what}. Stopped; the last good checkpoint "
+        f"(step {latest_ok}) is kept in {_path(workdir, 'checkpoints')}. "
+        "Lower the learning rate (--lr) or check the data, then rerun with a "
+        "new workdir or --overwrite.")
+
+  def save(s: int, metrics: dict | None) -> None:
+    if not bool(_all_finite(state.variables)):
+      _diverged(f"parameters are not finite after step {s}")
+    meta = {"step": s, "epoch": s // spe, "batch_in_epoch": s % spe,
+            "steps_per_epoch": spe, "seed": config.seed,
+            "train_time_s": train_time + (time.perf_counter() - seg_t0),
+            "best_val_accuracy": best["val_accuracy"],
+            "best_step": best["step"]}
+    ckpt_lib.save(manager, s, state, meta, metrics)
+
+  seg_t0 = time.perf_counter()
+  s = start
+  for epoch in range(start // spe, config.epochs):
+    first = start % spe if epoch == start // spe else 0
+    for batch in data_lib.batches(
+        ds.train, config.batch_size, seed=config.seed, epoch=epoch,
+        start_batch=first, augment=augment, mean=ds.mean, std=ds.std,
+        prefetch=config.prefetch, sharding=parallel.batch_sharding(mesh)):
+      state, m = step_fn(state, batch, dev_masks)
+      s += 1
+      pending.append(m)
+      window_images += config.batch_size
+      end_of_epoch = s % spe == 0
+      if s % config.log_every_steps == 0 or end_of_epoch:
+        flush(s)
+      if (config.ckpt_every_steps and s % config.ckpt_every_steps == 0
+          and not end_of_epoch):
+        save(s, None)
+      if crash_at_step is not None and s == crash_at_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    metrics = None
+    if ((epoch + 1) % config.eval_every_epochs == 0
+        or epoch + 1 == config.epochs) and len(ds.val):
+      vl, va = evaluate(net, state.variables, ds.val, dev_masks,
+                        config.eval_batch_size, **eval_kw)
+      last_val = {"val_loss": vl, "val_accuracy": va}
+      metrics_log.write({"split": "val", "step": s, "epoch": epoch + 1,
+                         "loss": vl, "accuracy": va, "time": time.time()})
+      if best["val_accuracy"] is None or va > best["val_accuracy"]:
+        best = {"val_accuracy": va, "step": s}
+      bar.write(f"epoch {epoch + 1}/{config.epochs}: val loss {vl:.4f}, "
+                f"val accuracy {va:.4f}")
+      metrics = {"val_accuracy": va}
+    save(s, metrics)
+  bar.close()
+  train_time += time.perf_counter() - seg_t0
+
+  tl, ta = evaluate(net, state.variables, ds.test, dev_masks,
+                    config.eval_batch_size, **eval_kw)
+  test_name = "val (no test split)" if ds.test_is_val else "test"
+  metrics_log.write({"split": "test", "step": s, "loss": tl, "accuracy": ta,
+                     "test_split": test_name, "time": time.time()})
+  result = {"test_accuracy": ta, "test_loss": tl, "test_split": test_name,
+            **last_val, "best_val_accuracy": best["val_accuracy"],
+            "best_step": best["step"], "steps": s, "epochs": config.epochs,
+            "train_time_s": round(train_time, 2),
+            "session_wall_time_s": round(time.perf_counter() - session_t0, 2),
+            "devices": mesh.devices.size, "dataset": ds.summary()}
+  _write_json(result_path, result)
+  metrics_log.write({"event": "done", "step": s, "time": time.time()})
+  manager.close()
+  log(f"final {test_name} accuracy {ta:.4f} (loss {tl:.4f}); "
+      f"training time {train_time:.1f}s; results in {result_path}")
+  return FitResult(net, jax.device_get(state.variables), result, workdir)
+
+
+def load_trained(workdir: str, *, which: str = "best",
+                 mesh=None) -> tuple[Any, dict, TrainConfig]:
+  """Rebuilds the network of a run and restores its variables.
+
+  Args:
+    workdir: a `fit` workdir.
+    which: 'best' (highest validation accuracy; the latest checkpoint when
+      none has one) or 'latest'.
+  Returns:
+    (net, variables, config); the masks the run used are `load_masks(workdir)`.
+  """
+  config = TrainConfig.from_dict(_read_json(_path(workdir, "config.json")))
+  net = models.from_config(_read_json(_path(workdir, "net.json")))
+  ckdir = _path(workdir, "checkpoints")
+  if not os.path.isdir(ckdir):
+    raise FileNotFoundError(f"no checkpoints in {workdir}")
+  manager = ckpt_lib.make_manager(ckdir, keep=config.keep_checkpoints,
+                                  read_only=True)
+  if which == "best":
+    step = manager.best_step()
+    if step is None:  # no checkpoint has a validation metric
+      step = manager.latest_step()
+  elif which == "latest":
+    step = manager.latest_step()
+  else:
+    raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+  if step is None:
+    raise FileNotFoundError(f"no checkpoints in {ckdir}")
+  optimizer = optim.make_optimizer(optax.constant_schedule(config.lr),
+                                   momentum=config.momentum,
+                                   nesterov=config.nesterov,
+                                   weight_decay=config.weight_decay)
+  mesh = mesh or parallel.make_mesh()
+  abstract = jax.eval_shape(lambda: step_lib.init_train_state(
+      net, jax.random.PRNGKey(0), optimizer))
+  state, _ = ckpt_lib.restore(manager, step, ckpt_lib.abstract_like(
+      abstract, parallel.replicated(mesh)))
+  manager.close()
+  return net, state.variables, config
