@@ -1,0 +1,58 @@
+"""Shared test set-up: the model list and small, fast input shapes."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from legr_jax import models  # noqa: E402
+
+# Every model at a shape that keeps the tests quick; resnet50's native 224x224
+# is replaced by 32x32 (its spec and costs follow input_shape).
+TEST_SHAPES = {name: (32, 32, 3) for name in models.known_models()}
+TEST_SHAPES["cnn_small"] = (8, 8, 1)
+ALL_MODELS = tuple(models.known_models())
+
+
+def build(name, **kwargs):
+  return models.get(name, num_classes=10, input_shape=TEST_SHAPES[name],
+                    **kwargs)
+
+
+def random_masks(spec, seed, keep_prob=0.6):
+  """Random 0/1 masks keeping at least one channel per group."""
+  rng = np.random.default_rng(seed)
+  masks = {}
+  for g in spec.groups:
+    m = (rng.random(g.size) < keep_prob).astype(np.float32)
+    m[rng.integers(g.size)] = 1.0
+    masks[g.name] = jax.numpy.asarray(m)
+  return masks
+
+
+def perturbed_variables(net, seed):
+  """init() with random BN statistics and affine terms (non-trivial BN)."""
+  variables = net.init(jax.random.key(seed))
+  leaves, tree = jax.tree_util.tree_flatten_with_path(variables)
+  rng = np.random.default_rng(seed)
+  out = []
+  for path, leaf in leaves:
+    key = jax.tree_util.keystr(path)
+    if leaf.ndim == 1 and "bn" in key:
+      if "var" in key:
+        leaf = leaf * rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+      elif "scale" in key:
+        leaf = leaf * rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+      else:
+        leaf = leaf + rng.normal(0, 0.1, leaf.shape).astype(np.float32)
+    out.append(jax.numpy.asarray(leaf))
+  return jax.tree_util.tree_unflatten(tree, out)
+
+
+@pytest.fixture(params=ALL_MODELS)
+def model_name(request):
+  return request.param
