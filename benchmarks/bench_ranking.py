@@ -4,20 +4,23 @@ A population of (alpha, kappa) sets (LeGR's initial distribution) is pruned to
 a FLOPs budget in one jitted, vmapped call; the figure is the wall time per
 population after compilation (median over repeats).
 
-  PYTHONPATH=. python benchmarks/bench_ranking.py            # ResNet-56, 64
-  PYTHONPATH=. python benchmarks/bench_ranking.py --model mobilenetv2
+  python benchmarks/bench_ranking.py            # ResNet-56, population 64
+  python benchmarks/bench_ranking.py --model mobilenetv2
 """
 
 import argparse
 import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import legr_jax
-from legr_jax import cost, ranking
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import legr_jax  # noqa: E402
+from legr_jax import cost, ranking  # noqa: E402
 
 
 def main():
