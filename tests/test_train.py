@@ -186,9 +186,6 @@ def _conv_dtypes(jaxpr, out):
   return out
 
 
-@pytest.mark.xfail(strict=True, reason="legr_jax.models pins ConvBN to "
-                   "dtype=float32, so bf16 params/inputs are promoted back to "
-                   "float32; needs a model dtype option (owner: models)")
 def test_bfloat16_compute_runs_the_convs_in_bfloat16():
   net = models.get("cnn_small", input_shape=(8, 8, 1))
   opt = train.make_optimizer(0.05)

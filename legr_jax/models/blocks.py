@@ -185,7 +185,7 @@ class ConvBN(nn.Module):
   strides: int = 1
   depthwise: bool = False
   act: Callable | None = nn.relu
-  dtype: Any = jnp.float32
+  dtype: Any = None  # None: follow the inputs and params (bf16 compute)
 
   @nn.compact
   def __call__(self, x, ctx: Context, train: bool = False):
