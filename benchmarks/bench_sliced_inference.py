@@ -18,31 +18,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from legr_jax import cost, models, surgery  # noqa: E402
+from legr_jax import cost, models, ranking, surgery  # noqa: E402
 
 
 def l2_masks_for_half_flops(net, variables):
-  """Greedy global L2 pruning to <= 50% MACs (kept simple: numpy, eager)."""
+  """Plain global L2 ranking (LeGR with alpha=1, kappa=0) to <= 50% MACs."""
   spec = net.spec
-  scores = {g.name: np.zeros(g.size) for g in spec.groups}
-  for c in spec.convs:
-    tree = variables["params"]
-    for part in c.name.split("/"):
-      tree = tree[part]
-    w = np.asarray(tree["conv"]["kernel"])
-    scores[c.out_group] += np.sum(w.reshape(-1, w.shape[-1]) ** 2, axis=0)
-  order = sorted(((s, g, i) for g, v in scores.items() for i, s in enumerate(v)))
-  masks = {g.name: np.ones(g.size, np.float32) for g in spec.groups}
-  budget = 0.5 * cost.unpruned(spec)
-  for _, g, i in order:
-    if cost.flops(spec, masks) <= budget:
-      break
-    if masks[g].sum() > max(1, int(np.ceil(0.1 * masks[g].size))):
-      masks[g][i] = 0.0
-  return {k: jnp.asarray(v) for k, v in masks.items()}
+  norms = ranking.filter_norms(spec, variables["params"])
+  ones = {l: 1.0 for l in spec.layer_names}
+  zeros = {l: 0.0 for l in spec.layer_names}
+  scores = ranking.group_scores(spec, ranking.affine_scores(norms, ones, zeros))
+  masks, _ = ranking.masks_for_budget(spec, scores, flops=0.5, safeguard=0.1)
+  return masks
 
 
 def images_per_second(net, variables, batch, repeats):
