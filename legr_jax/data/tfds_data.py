@@ -50,6 +50,11 @@ def open_sources(name: str, splits: Sequence[str], *, data_dir: str | None,
     extra = (f"A copy exists in {existing} but cannot be read ({e}); "
              "tfds.data_source needs the array_record format."
              if os.path.isdir(existing) else "")
+    if name == "imagenet2012":
+      extra += ("\nimagenet2012 cannot be downloaded automatically: put "
+                "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+                f"{data_dir}/downloads/manual first, then prepare it as "
+                "above.")
     raise NotPreparedError(PREPARE_HINT.format(
         name=name, data_dir=data_dir, extra=extra)) from e
   return dict(zip(splits, sources)), info

@@ -393,6 +393,7 @@ def fit(config: TrainConfig, workdir: str, *, net=None,
                 f"val accuracy {va:.4f}")
       metrics = {"val_accuracy": va}
     save(s, metrics)
+    window_t0 = time.perf_counter()  # images/s excludes eval and saving
   bar.close()
   train_time += time.perf_counter() - seg_t0
 
