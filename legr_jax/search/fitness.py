@@ -1,0 +1,426 @@
+"""Fitness of LeGR candidates: prune, optionally fine-tune tau_hat steps, and
+measure the mean validation loss.
+
+A candidate is a set of per-layer affine pairs (alpha [L], kappa [L]). Its
+fitness: the pretrained network pruned to the FLOPs target with
+`ranking.masks_for_budget` (scores ``alpha_l * ||w||^2 + kappa_l``, summed over
+coupled layers), then ``tau_hat`` SGD steps (lr 0.01, momentum 0.9, coupled
+weight decay 5e-4, BatchNorm in training mode, so its running statistics are
+updated) on fixed training batches, then the mean cross-entropy over the
+validation split with BatchNorm in eval mode. Lower is better.
+
+Every candidate sees the same ``tau_hat`` training batches (the first batches
+of the seeded epoch order, with the data set's augmentation), so candidates
+are compared on equal terms and a result is a pure function of the candidate.
+
+Two interchangeable backends compute the same losses (to float tolerance):
+
+* ``'masked'``: full-size networks with 0/1 channel masks, K candidates
+  batched with `jax.vmap` (each with its own params and optimizer state when
+  tau_hat > 0) inside `jax.shard_map` over a 1-D device mesh (axis
+  'candidates'); K is padded to a multiple of the device count. Best on
+  GPU/TPU, where the full-size compute is cheap and batching fills the chip.
+* ``'sliced'``: each candidate physically sliced (`surgery.slice_network`).
+  tau_hat = 0: widths rounded up to a multiple of ``bucket`` (the extra
+  channels are masked to zero) and run block by block with compiled blocks
+  shared across candidates (`BlockwiseExecutor`), so no per-candidate
+  compile. tau_hat > 0: exact widths, one compiled train-and-evaluate
+  function per candidate (compile amortised over tau_hat steps). Candidates
+  run concurrently on a thread pool, one device each (round robin). Best on
+  CPU (see benchmarks/bench_search.py for the measurements).
+
+``'auto'`` picks 'sliced' on CPU and 'masked' on accelerators.
+Beyond one host: after `jax.distributed.initialize()`, ``jax.devices()``
+spans every host; the 'masked' backend's mesh is built over all of them, every
+host runs the same search (same seed, identical evolution state) and feeds the
+same candidates, and the loss array comes back replicated.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import threading
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from legr_jax import cost as cost_lib
+from legr_jax import data as data_lib
+from legr_jax import ranking, surgery
+from legr_jax.search.blockwise import BlockwiseExecutor
+from legr_jax.train import optim
+from legr_jax.train import step as step_lib
+
+BACKENDS = ("auto", "masked", "sliced")
+CANDIDATE_AXIS = "candidates"
+
+
+@dataclasses.dataclass(frozen=True)
+class FitnessConfig:
+  """What a candidate's loss means (saved with a search; hashable)."""
+  flops: float = 0.47
+  safeguard: float = 0.1
+  tau_hat: int = 0
+  lr: float = 0.01
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  batch_size: int = 128        # training batch of the tau_hat steps
+  eval_batch_size: int = 128   # validation batch (the loss does not depend on it)
+  val_examples: int | None = None  # first n of the validation split (None: all)
+  data_seed: int = 0           # order and augmentation of the training batches
+
+
+@dataclasses.dataclass
+class FitnessData:
+  """Device-ready data. val_*: [nb, B, ...] padded batches (``val_valid`` marks
+  real rows); train_*: [tau_hat, B, ...] uint8 augmented images and labels."""
+  val_images: np.ndarray
+  val_labels: np.ndarray
+  val_valid: np.ndarray
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  mean: np.ndarray
+  inv_std: np.ndarray
+
+
+def prepare_data(dataset, config: FitnessConfig) -> FitnessData:
+  """Validation batches (normalized float32) and the tau_hat training batches
+  (augmented uint8) of ``dataset`` (a `legr_jax.data.Dataset`)."""
+  val = dataset.val
+  n = len(val) if config.val_examples is None else min(config.val_examples,
+                                                        len(val))
+  if n == 0:
+    raise ValueError("the validation split is empty")
+  bsz = config.eval_batch_size
+  nb = -(-n // bsz)
+  order = np.arange(n)
+  vals = [data_lib.host_batch(val, order, i, bsz, seed=0, epoch=0,
+                              augment="none", mean=dataset.mean,
+                              std=dataset.std, pad_to=bsz) for i in range(nb)]
+  train_x, train_y = [], []
+  if config.tau_hat:
+    tb = config.batch_size
+    per_epoch = len(dataset.train) // tb
+    if per_epoch == 0:
+      raise ValueError(f"the training split ({len(dataset.train)}) is smaller "
+                       f"than one batch ({tb})")
+    for t in range(config.tau_hat):
+      epoch, i = divmod(t, per_epoch)
+      idx = data_lib.epoch_order(len(dataset.train), seed=config.data_seed,
+                                 epoch=epoch)[i * tb:(i + 1) * tb]
+      x, y = dataset.train.take(idx)
+      x = data_lib.augment(x, dataset.augment,
+                           data_lib.augment_rng(config.data_seed, epoch, i))
+      train_x.append(x)
+      train_y.append(np.asarray(y, np.int32))
+  shape = tuple(dataset.image_shape)
+  return FitnessData(
+      val_images=np.stack([b["image"] for b in vals]),
+      val_labels=np.stack([b["label"] for b in vals]),
+      val_valid=np.stack([b["valid"] for b in vals]).astype(np.float32),
+      train_images=(np.stack(train_x) if train_x else
+                    np.zeros((0, 1) + shape, np.uint8)),
+      train_labels=(np.stack(train_y) if train_y else
+                    np.zeros((0, 1), np.int32)),
+      mean=np.asarray(dataset.mean, np.float32),
+      inv_std=(1.0 / np.asarray(dataset.std, np.float32)).astype(np.float32))
+
+
+# --- pure pieces ------------------------------------------------------------------
+
+
+def candidate_masks(spec, norms, alpha, kappa, config: FitnessConfig):
+  """Masks of one candidate: ``(masks, feasible, flops fraction)``.
+
+  alpha, kappa: [L] in ``spec.layer_names`` order. Jit/vmap-able.
+  """
+  layers = spec.layer_names
+  chex.assert_shape([alpha, kappa], (len(layers),))
+  scores = ranking.group_scores(spec, ranking.affine_scores(
+      norms, dict(zip(layers, alpha)), dict(zip(layers, kappa))))
+  masks, feasible = ranking.masks_for_budget(
+      spec, scores, flops=config.flops, safeguard=config.safeguard)
+  frac = cost_lib.flops(spec, masks) / cost_lib.unpruned(spec)
+  return masks, feasible, frac
+
+
+def make_optimizer(config: FitnessConfig) -> optax.GradientTransformation:
+  return optim.make_optimizer(config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+
+
+def _normalize(x, mean, inv_std):
+  return (x.astype(jnp.float32) - mean) * inv_std
+
+
+def finetune(net, variables, masks, train_images, train_labels, mean,
+             inv_std, config: FitnessConfig):
+  """``tau_hat`` SGD steps (BatchNorm in training mode) -> variables."""
+  if not config.tau_hat:
+    return variables
+  opt = make_optimizer(config)
+  state = step_lib.init_train_state(net, 0, opt, variables)
+
+  def body(state, batch):
+    x, y = batch
+    state, _ = step_lib.train_step(
+        net, opt, state, {"image": _normalize(x, mean, inv_std), "label": y},
+        masks)
+    return state, None
+
+  state, _ = jax.lax.scan(body, state, (train_images, train_labels))
+  return state.variables
+
+
+def validation_loss(net, variables, masks, val_images, val_labels, val_valid):
+  """Mean cross-entropy over the valid rows of all validation batches."""
+
+  def body(carry, batch):
+    x, y, valid = batch
+    sums = step_lib.eval_step(net, variables,
+                              {"image": x, "label": y, "valid": valid}, masks)
+    return carry + sums["loss_sum"], None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                          (val_images, val_labels, val_valid))
+  return total / jnp.sum(val_valid)
+
+
+def masked_loss(net, config: FitnessConfig, variables, data: dict, masks):
+  """Fitness of one candidate given as full-size 0/1 ``masks`` (pure)."""
+  trained = finetune(net, variables, masks, data["train_images"],
+                     data["train_labels"], data["mean"], data["inv_std"],
+                     config)
+  return validation_loss(net, trained, masks, data["val_images"],
+                         data["val_labels"], data["val_valid"])
+
+
+# --- evaluator ----------------------------------------------------------------------
+
+
+def default_backend() -> str:
+  return "sliced" if jax.default_backend() == "cpu" else "masked"
+
+
+def bucket_masks(spec, masks: dict, bucket: int) -> dict:
+  """Rounds every group's kept count up to a multiple of ``bucket`` (capped
+  at the group size) by also keeping its lowest-index pruned channels.
+  Returns numpy 0/1 masks (a superset of ``masks``)."""
+  out = {}
+  for g in spec.groups:
+    m = np.asarray(masks[g.name], np.float32).copy()
+    k = int(m.sum())
+    target = min(g.size, -(-k // bucket) * bucket) if bucket > 1 else k
+    fill = np.flatnonzero(m == 0)[:target - k]
+    m[fill] = 1.0
+    out[g.name] = m
+  return out
+
+
+class Evaluator:
+  """Evaluates batches of candidates for one pretrained network and target.
+
+  Args:
+    net, variables: the pretrained network and its variables.
+    data: from `prepare_data`.
+    config: the fitness definition.
+    backend: 'auto', 'masked' or 'sliced' (see the module doc).
+    devices: devices to spread candidates over (default: ``jax.devices()``,
+      all hosts' devices after `jax.distributed.initialize()`).
+    bucket: 'sliced', tau_hat = 0: width rounding (1: exact widths).
+    workers: 'sliced': candidates evaluated concurrently (default: the device
+      count, or the CPU core count on a single CPU device).
+  """
+
+  def __init__(self, net, variables, data: FitnessData, config: FitnessConfig,
+               *, backend: str = "auto", devices=None, bucket: int = 4,
+               workers: int | None = None):
+    if backend not in BACKENDS:
+      raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    self.net, self.config = net, config
+    self.backend = default_backend() if backend == "auto" else backend
+    self.devices = list(devices if devices is not None else jax.devices())
+    self.bucket = max(1, int(bucket))
+    if workers is None:
+      workers = len(self.devices)
+      if workers == 1 and self.devices[0].platform == "cpu":
+        workers = os.cpu_count() or 1
+    self.workers = max(1, int(workers))
+    self.variables = jax.tree.map(np.asarray, jax.device_get(
+        {"params": variables["params"],
+         "batch_stats": variables.get("batch_stats", {})}))
+    self.data = data
+    spec = net.spec
+    self.norms = ranking.filter_norms(spec, self.variables["params"])
+    self.layer_names = spec.layer_names
+    self.layer_std = np.array([float(np.std(np.asarray(self.norms[l])))
+                               for l in self.layer_names], np.float32)
+    self._masks_fn = jax.jit(jax.vmap(functools.partial(
+        candidate_masks, spec, self.norms, config=config)))
+    self._executor = BlockwiseExecutor()
+    self._per_device: dict = {}
+    self._lock = threading.Lock()
+    self._pool = None
+    self._masked_fn = None
+
+  # -- masks ---------------------------------------------------------------
+
+  def masks(self, alpha, kappa):
+    """Vectorized masks: ``(masks {group: [k, C]}, feasible [k], flops
+    fraction [k])`` as numpy arrays."""
+    masks, feasible, frac = self._masks_fn(jnp.asarray(alpha, jnp.float32),
+                                           jnp.asarray(kappa, jnp.float32))
+    return jax.device_get((masks, feasible, frac))
+
+  # -- evaluation ------------------------------------------------------------
+
+  def evaluate(self, alpha, kappa) -> dict:
+    """Losses of K candidates (alpha, kappa: [K, L]).
+
+    Returns numpy arrays ``{'loss': [K] (inf when infeasible), 'flops': [K]
+    kept FLOPs fraction, 'feasible': [K] bool}``.
+    """
+    alpha, kappa = np.asarray(alpha, np.float32), np.asarray(kappa,
+                                                             np.float32)
+    chex.assert_shape(alpha, (None, len(self.layer_names)))
+    masks, feasible, frac = self.masks(alpha, kappa)
+    k = alpha.shape[0]
+    loss = np.full((k,), np.inf, np.float32)
+    todo = [i for i in range(k) if feasible[i]]
+    if todo:
+      sub = {g: v[todo] for g, v in masks.items()}
+      if self.backend == "masked":
+        vals = self._masked_losses(sub)
+      else:
+        vals = self._sliced_losses(sub)
+      loss[todo] = vals
+    return {"loss": loss, "flops": np.asarray(frac, np.float32),
+            "feasible": np.asarray(feasible, bool)}
+
+  # -- masked backend --------------------------------------------------------
+
+  def _mesh(self) -> Mesh:
+    return Mesh(np.array(self.devices), (CANDIDATE_AXIS,))
+
+  def _masked_losses(self, masks: dict) -> np.ndarray:
+    k = next(iter(masks.values())).shape[0]
+    n_dev = len(self.devices)
+    padded = -(-k // n_dev) * n_dev
+    masks = {g: np.concatenate([v, np.repeat(v[-1:], padded - k, 0)])
+             for g, v in masks.items()}
+    mesh = self._mesh()
+    if self._masked_fn is None:
+      one = functools.partial(masked_loss, self.net, self.config)
+      batched = jax.vmap(one, in_axes=(None, None, 0))
+      sharded = jax.shard_map(
+          batched, mesh=mesh, in_specs=(P(), P(), P(CANDIDATE_AXIS)),
+          out_specs=P(CANDIDATE_AXIS), check_vma=False)
+      rep = NamedSharding(mesh, P())
+      self._masked_fn = jax.jit(sharded, out_shardings=rep)
+      d = self.data
+      self._masked_args = jax.device_put(
+          (self.variables,
+           {"val_images": d.val_images, "val_labels": d.val_labels,
+            "val_valid": d.val_valid, "train_images": d.train_images,
+            "train_labels": d.train_labels, "mean": d.mean,
+            "inv_std": d.inv_std}), rep)
+    cand = NamedSharding(mesh, P(CANDIDATE_AXIS))
+    masks = jax.tree.map(
+        lambda a: jax.make_array_from_callback(a.shape, cand,
+                                               lambda idx: a[idx]), masks)
+    out = self._masked_fn(*self._masked_args, masks)
+    return np.asarray(jax.device_get(out))[:k]
+
+  # -- sliced backend ----------------------------------------------------------
+
+  def _device_data(self, device):
+    with self._lock:
+      if device not in self._per_device:
+        d = self.data
+        put = lambda a: jax.device_put(a, device)  # noqa: E731
+        self._per_device[device] = {
+            "val": [(put(d.val_images[i]), put(d.val_labels[i]),
+                     put(d.val_valid[i])) for i in range(len(d.val_images))],
+            "train": (put(d.train_images), put(d.train_labels)),
+            "stats": (put(d.mean), put(d.inv_std)),
+            "val_stacked": (put(d.val_images), put(d.val_labels),
+                            put(d.val_valid)),
+        }
+      return self._per_device[device]
+
+  def _sliced_one(self, masks_np: dict, device) -> float:
+    net, cfg = self.net, self.config
+    dd = self._device_data(device)
+    if cfg.tau_hat == 0:
+      keep = bucket_masks(net.spec, masks_np, self.bucket)
+      small, small_vars = surgery.slice_network(net, self.variables, keep)
+      inner = None
+      if self.bucket > 1:
+        inner = {g.name: masks_np[g.name][keep[g.name] > 0]
+                 for g in net.spec.groups}
+        if all(np.all(m == 1) for m in inner.values()):
+          inner = None
+      small_vars = jax.device_put(small_vars, device)
+      if inner is not None:
+        inner = jax.device_put(inner, device)
+      total = None
+      for x, y, valid in dd["val"]:
+        logits = self._executor.apply(small, small_vars, x, inner)
+        s = _loss_sum(logits, y, valid)
+        total = s if total is None else total + s
+      return float(total) / float(self.data.val_valid.sum())
+    small, small_vars = surgery.slice_network(net, self.variables, masks_np)
+    small_vars = jax.device_put(small_vars, device)
+    fn = jax.jit(functools.partial(_train_then_eval, small, cfg))
+    return float(fn(small_vars, dd["train"], dd["stats"], dd["val_stacked"]))
+
+  def _sliced_losses(self, masks: dict) -> np.ndarray:
+    k = next(iter(masks.values())).shape[0]
+    per = [{g: np.asarray(v[i]) for g, v in masks.items()} for i in range(k)]
+    devs = [self.devices[i % len(self.devices)] for i in range(k)]
+    if self.workers == 1 or k == 1:
+      return np.array([self._sliced_one(m, d) for m, d in zip(per, devs)],
+                      np.float32)
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(
+          self.workers, thread_name_prefix="legr_fitness")
+    futures = [self._pool.submit(self._sliced_one, m, d)
+               for m, d in zip(per, devs)]
+    return np.array([f.result() for f in futures], np.float32)
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown()
+      self._pool = None
+
+
+@jax.jit
+def _loss_sum(logits, labels, valid):
+  return jnp.sum(step_lib.cross_entropy(logits, labels) * valid)
+
+
+def _train_then_eval(net, config: FitnessConfig, variables, train, stats,
+                     val):
+  mean, inv_std = stats
+  trained = finetune(net, variables, None, train[0], train[1], mean, inv_std,
+                     config)
+  return validation_loss(net, trained, None, *val)
+
+
+def layer_norm_std(net, variables) -> np.ndarray:
+  """Per-layer std of the filter norms [L] (the kappa scale of LeGR)."""
+  norms = ranking.filter_norms(net.spec, variables["params"])
+  return np.array([float(np.std(np.asarray(norms[l])))
+                   for l in net.spec.layer_names], np.float32)
+
+
+__all__ = ["BACKENDS", "Evaluator", "FitnessConfig", "FitnessData",
+           "bucket_masks", "candidate_masks", "default_backend", "finetune",
+           "layer_norm_std", "masked_loss", "prepare_data", "validation_loss"]
