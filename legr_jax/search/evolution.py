@@ -83,6 +83,8 @@ class EvolutionState:
   count: int32 scalar, evaluations inserted so far.
   key: uint32 [2] raw base key (constant). kappa_std: float32 [L], per-layer
   std of the filter norms (constant).
+  best_alpha, best_kappa [L], best_loss, best_birth: the lowest-loss candidate
+  evaluated so far (it may have aged out of the population); ties: earliest.
   """
   alpha: jax.Array
   kappa: jax.Array
@@ -91,6 +93,10 @@ class EvolutionState:
   count: jax.Array
   key: jax.Array
   kappa_std: jax.Array
+  best_alpha: jax.Array
+  best_kappa: jax.Array
+  best_loss: jax.Array
+  best_birth: jax.Array
 
 
 def init_state(seed: int, kappa_std, population: int) -> EvolutionState:
@@ -105,7 +111,11 @@ def init_state(seed: int, kappa_std, population: int) -> EvolutionState:
       birth=jnp.full((population,), -1, jnp.int32),
       count=jnp.zeros((), jnp.int32),
       key=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32),
-      kappa_std=kappa_std)
+      kappa_std=kappa_std,
+      best_alpha=jnp.ones((n_layers,), jnp.float32),
+      best_kappa=jnp.zeros((n_layers,), jnp.float32),
+      best_loss=jnp.full((), jnp.inf, jnp.float32),
+      best_birth=jnp.full((), -1, jnp.int32))
 
 
 def _eval_key(state: EvolutionState, index, stream: int):
@@ -173,6 +183,13 @@ def insert(state: EvolutionState, alpha, kappa, loss) -> EvolutionState:
   loss = jnp.where(jnp.isnan(loss), jnp.inf, loss)
   slots = jnp.argsort(state.birth, stable=True)[:k]
   births = state.count + jnp.arange(k, dtype=jnp.int32)
+  j = jnp.argmin(loss)                         # ties: first (earliest)
+  better = loss[j] < state.best_loss
+  state = state.replace(
+      best_alpha=jnp.where(better, alpha[j], state.best_alpha),
+      best_kappa=jnp.where(better, kappa[j], state.best_kappa),
+      best_loss=jnp.where(better, loss[j], state.best_loss),
+      best_birth=jnp.where(better, births[j], state.best_birth))
   return state.replace(
       alpha=state.alpha.at[slots].set(alpha),
       kappa=state.kappa.at[slots].set(kappa),
@@ -182,11 +199,17 @@ def insert(state: EvolutionState, alpha, kappa, loss) -> EvolutionState:
 
 
 def best(state: EvolutionState):
-  """``(alpha [L], kappa [L], loss, birth)`` of the lowest-loss member
-  (ties: the earliest born)."""
+  """``(alpha [L], kappa [L], loss, evaluation index)`` of the lowest-loss
+  candidate evaluated so far (ties: the earliest); this is the learned
+  ranking. (The population's own best may be worse: members age out.)"""
+  return (state.best_alpha, state.best_kappa, state.best_loss,
+          state.best_birth)
+
+
+def population_best(state: EvolutionState):
+  """Like `best`, over the current population only."""
   key = jnp.where(state.birth < 0, jnp.inf, state.loss)
-  order = jnp.lexsort((state.birth, key))
-  i = order[0]
+  i = jnp.lexsort((state.birth, key))[0]
   return state.alpha[i], state.kappa[i], state.loss[i], state.birth[i]
 
 
