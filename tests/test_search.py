@@ -246,6 +246,21 @@ def test_blockwise_shares_compiled_blocks_across_slices():
   assert ex.num_compiled() == compiled
 
 
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "vgg16"])
+def test_fast_slicing_matches_surgery(name):
+  net = models.get(name, num_classes=10, input_shape=(8, 8, 3))
+  v = jax.device_get(perturbed_variables(net, 0))
+  masks = {k: np.asarray(m) for k, m in random_masks(net.spec, 2).items()}
+  small, sv = surgery.slice_network(net, v, masks)
+  widths, index_maps, fast = search.slicing.slice_candidate(net.spec, v,
+                                                            masks)
+  assert widths == small.config["widths"]
+  assert index_maps == small.config["index_maps"]
+  assert jax.tree.structure(fast) == jax.tree.structure(sv)
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(sv)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_bucket_masks_round_up_and_keep_a_superset():
   net = models.get("resnet20", num_classes=10, input_shape=(8, 8, 3))
   masks = {k: np.asarray(v) for k, v in random_masks(net.spec, 3).items()}

@@ -16,6 +16,7 @@ from legr_jax.search.evolution import (EvolutionConfig, EvolutionState, best,
                                        init_state, insert, propose)
 from legr_jax.search.fitness import (BACKENDS, Evaluator, FitnessConfig,
                                      prepare_data)
+from legr_jax.search import slicing
 from legr_jax.search.state import load_ranking, load_ranking_orbax
 
 __all__ = [

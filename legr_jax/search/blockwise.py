@@ -22,8 +22,6 @@ import threading
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 from legr_jax.models import blocks
 
 _tls = threading.local()
@@ -124,6 +122,15 @@ class BlockwiseExecutor:
     index_maps = dict(net.config.get("index_maps", {}))
     for s in net.spec.shortcuts:  # unsliced nets: the default maps
       index_maps.setdefault(s.name, s.index_map)
+    return self.apply_module(net.module, variables, x, widths=widths,
+                             index_maps=index_maps, site_masks=site_masks)
+
+  def apply_module(self, module: nn.Module, variables: dict, x, *,
+                   widths: dict, index_maps: dict,
+                   site_masks: dict | None = None):
+    """Like `apply` for a bare module declaration: ``widths`` (site -> width
+    overrides), ``index_maps`` (every zero-pad shortcut site -> index map;
+    int arrays, ideally already on the device) and per-site masks."""
     ctx = blocks.Context(masks=site_masks, widths=widths,
                          index_maps=index_maps)
 
@@ -135,11 +142,11 @@ class BlockwiseExecutor:
       prefix = m.scope.path[0]
       rel_widths = _relative(widths, prefix)
       rel_masks = _relative(site_masks or {}, prefix)
-      rel_index = {k: jnp.asarray(np.asarray(v, np.int32))
+      rel_index = {k: jnp.asarray(v, jnp.int32)
                    for k, v in _relative(index_maps, prefix).items()}
       fn = self._block_fn(m, rel_widths, sorted(rel_masks),
                           sorted(rel_index))
       return fn(dict(m.variables), args[0], rel_masks, rel_index)
 
     with nn.intercept_methods(interceptor):
-      return net.module.apply(variables, x, ctx, train=False)
+      return module.apply(variables, x, ctx, train=False)

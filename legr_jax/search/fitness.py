@@ -54,6 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from legr_jax import cost as cost_lib
 from legr_jax import data as data_lib
 from legr_jax import ranking, surgery
+from legr_jax.search import slicing
 from legr_jax.search.blockwise import BlockwiseExecutor
 from legr_jax.train import optim
 from legr_jax.train import step as step_lib
@@ -360,19 +361,19 @@ class Evaluator:
     dd = self._device_data(device)
     if cfg.tau_hat == 0:
       keep = bucket_masks(net.spec, masks_np, self.bucket)
-      small, small_vars = surgery.slice_network(net, self.variables, keep)
-      inner = None
-      if self.bucket > 1:
-        inner = {g.name: masks_np[g.name][keep[g.name] > 0]
-                 for g in net.spec.groups}
-        if all(np.all(m == 1) for m in inner.values()):
-          inner = None
-      small_vars = jax.device_put(small_vars, device)
-      if inner is not None:
-        inner = jax.device_put(inner, device)
+      widths, index_maps, small_vars = slicing.slice_candidate(
+          net.spec, self.variables, keep)
+      site_masks = None
+      if any(np.any(keep[g] != masks_np[g]) for g in keep):
+        site_masks = slicing.sliced_site_masks(net.spec, masks_np, keep)
+      small_vars, index_maps, site_masks = jax.device_put(
+          (small_vars, {k: np.asarray(v, np.int32)
+                        for k, v in index_maps.items()}, site_masks), device)
       total = None
       for x, y, valid in dd["val"]:
-        logits = self._executor.apply(small, small_vars, x, inner)
+        logits = self._executor.apply_module(
+            net.module, small_vars, x, widths=widths, index_maps=index_maps,
+            site_masks=site_masks)
         s = _loss_sum(logits, y, valid)
         total = s if total is None else total + s
       return float(total) / float(self.data.val_valid.sum())

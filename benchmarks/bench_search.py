@@ -1,0 +1,172 @@
+r"""Seconds per LeGR candidate: ResNet-56 on CIFAR-10 images, 1,000 validation
+images, batch 128, target 47% FLOPs, safeguard 0.1 (the set-up of the
+original PyTorch implementation's measurement on this 2-core CPU).
+
+  python benchmarks/bench_search.py                      # tau_hat = 0 and 200
+  python benchmarks/bench_search.py --tau_hat=0 --configs=sliced:1:1,sliced:2:2
+  python benchmarks/bench_search.py --checkpoint=WORKDIR  # a trained baseline
+
+Candidates are LeGR's own: the initial population of the search (identity,
+then alpha = exp(N(0,1)), kappa ~ N(0, std of the layer's norms)) drawn by
+`legr_jax.search.evolution`. The network is a randomly initialised ResNet-56
+unless --checkpoint names an `experiments.train` workdir. Data: the shared
+CIFAR-10 subset (1,000 validation images carved with seed 0).
+
+A config is ``backend:K:workers[:bucket]``: K candidates per round (the
+batched evolution's K), evaluated by 'sliced' (physically sliced networks,
+compiled blocks shared across candidates, ``workers`` threads) or 'masked'
+(full-size masked networks, vmapped over K). For each config the first
+``--warmup`` candidates (compilation; cold caches) are timed separately from
+the next ``--candidates`` (steady state); the figure compared with PyTorch is
+the median seconds per candidate of the steady state, as the reference's
+1.53 s is a median over 207 candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from legr_jax import data, models, train  # noqa: E402
+from legr_jax.search import evolution, fitness  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                      "shared", "data", "cifar10_train_subset.npz")
+PYTORCH = {0: 1.53, 200: 101.0}   # seconds per candidate, same CPU
+
+
+def _candidates(net, variables, n, seed=0):
+  st = evolution.init_state(seed, fitness.layer_norm_std(net, variables), 64)
+  cfg = evolution.EvolutionConfig(population=max(64, n), evaluations=400
+                                  if n <= 400 else n)
+  alpha, kappa, _ = evolution.propose_jit(st, cfg, n)
+  return np.asarray(alpha), np.asarray(kappa)
+
+
+def run_config(net, variables, fdata, fcfg, spec: str, alpha, kappa,
+               warmup: int, n: int) -> dict:
+  parts = spec.split(":")
+  backend, k, workers = parts[0], int(parts[1]), int(parts[2])
+  bucket = int(parts[3]) if len(parts) > 3 else 1
+  ev = fitness.Evaluator(net, variables, fdata, fcfg, backend=backend,
+                         bucket=bucket, workers=workers)
+  t0 = time.perf_counter()
+  done = 0
+  while done < warmup:
+    ev.evaluate(alpha[done:done + k], kappa[done:done + k])
+    done += k
+  warm_s = time.perf_counter() - t0
+  per, losses = [], []
+  c0, t0 = time.process_time(), time.perf_counter()
+  while done < warmup + n:
+    t = time.perf_counter()
+    out = ev.evaluate(alpha[done:done + k], kappa[done:done + k])
+    per.append((time.perf_counter() - t) / k)
+    losses.extend(out["loss"].tolist())
+    done += k
+  wall = time.perf_counter() - t0
+  cpu = time.process_time() - c0
+  ev.close()
+  return {"config": spec, "backend": backend, "K": k, "workers": workers,
+          "bucket": bucket, "warmup_candidates": warmup,
+          "warmup_s_per_candidate": warm_s / max(1, warmup),
+          "candidates": len(per) * k,
+          "median_s_per_candidate": float(np.median(per)),
+          "mean_s_per_candidate": float(np.mean(per)),
+          "cpu_over_wall": cpu / wall,
+          "compiled_blocks": ev._executor.num_compiled(),  # pylint: disable=protected-access
+          "losses": losses[:4]}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--checkpoint", default=None)
+  p.add_argument("--data", default=SHARED)
+  p.add_argument("--val", type=int, default=1000)
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--flops", type=float, default=0.47)
+  p.add_argument("--safeguard", type=float, default=0.1)
+  p.add_argument("--tau_hat", type=int, nargs="*", default=[0, 200])
+  p.add_argument("--configs", default=None, help="comma-separated "
+                 "backend:K:workers[:bucket] (default per tau_hat)")
+  p.add_argument("--warmup", type=int, default=None)
+  p.add_argument("--candidates", type=int, default=None)
+  p.add_argument("--json_out", default=None)
+  args = p.parse_args()
+
+  if not os.path.exists(args.data):
+    sys.exit(f"data not found: {args.data}")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    ds = data.get_dataset(f"npz:{args.data}", val_size=args.val, seed=0)
+  if args.checkpoint:
+    net, variables, _ = train.load_trained(args.checkpoint)
+    variables = jax.device_get(variables)
+    origin = f"trained ({args.checkpoint})"
+  else:
+    net = models.get("resnet56", num_classes=10)
+    variables = jax.device_get(net.init(jax.random.key(0)))
+    origin = "randomly initialised"
+  print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, "
+        f"{os.cpu_count()} CPU cores, jax {jax.__version__}; load average "
+        f"{os.getloadavg()[0]:.2f}")
+  print(f"{net.name} ({origin}), {len(ds.val)} validation images, batch "
+        f"{args.batch}, FLOPs target {args.flops}, safeguard "
+        f"{args.safeguard}")
+  results = []
+  for tau in args.tau_hat:
+    if args.configs:
+      configs = args.configs.split(",")
+    elif tau == 0:
+      configs = ["sliced:1:1", "sliced:2:2", "sliced:4:2", "sliced:2:2:4",
+                 "masked:1:1", "masked:4:1"]
+    else:
+      configs = ["sliced:1:1", "sliced:2:2"]
+    fcfg = fitness.FitnessConfig(flops=args.flops, safeguard=args.safeguard,
+                                 tau_hat=tau, batch_size=args.batch,
+                                 eval_batch_size=args.batch)
+    fdata = fitness.prepare_data(ds, fcfg)
+    for spec in configs:
+      k = int(spec.split(":")[1])
+      masked = spec.startswith("masked")
+      if tau == 0:
+        warmup = args.warmup if args.warmup is not None else (
+            k if masked else 24)
+        n = args.candidates or (2 * k if masked else 16)
+      else:
+        warmup = args.warmup if args.warmup is not None else 0
+        n = args.candidates or k
+      n = -(-n // k) * k
+      warmup = -(-warmup // k) * k
+      alpha, kappa = _candidates(net, variables, warmup + n)
+      r = run_config(net, variables, fdata, fcfg, spec, alpha, kappa,
+                     warmup, n)
+      r["tau_hat"] = tau
+      r["pytorch_s_per_candidate"] = PYTORCH.get(tau)
+      if tau in PYTORCH:
+        r["ratio_vs_pytorch"] = PYTORCH[tau] / r["median_s_per_candidate"]
+      r["load_average"] = os.getloadavg()[0]
+      results.append(r)
+      ratio = (f", PyTorch/JAX ratio {r['ratio_vs_pytorch']:.2f}"
+               if "ratio_vs_pytorch" in r else "")
+      print(f"tau_hat={tau:3d} {spec:14s}: {r['median_s_per_candidate']:.3f}"
+            f" s/candidate (median of {r['candidates']}; mean "
+            f"{r['mean_s_per_candidate']:.3f}), first {warmup} incl. "
+            f"compile {r['warmup_s_per_candidate']:.2f} s/candidate, cpu/wall"
+            f" {r['cpu_over_wall']:.2f}{ratio}", flush=True)
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
