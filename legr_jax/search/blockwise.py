@@ -76,9 +76,12 @@ class BlockwiseExecutor:
   train=False)`` up to float rounding.
   """
 
-  def __init__(self):
+  def __init__(self, compiler_options: dict | None = None):
+    """``compiler_options``: XLA options for every block's compilation (e.g.
+    `fitness.CPU_COMPILER_OPTIONS`)."""
     self._fns: dict = {}
     self._lock = threading.Lock()
+    self.compiler_options = compiler_options
 
   @property
   def num_block_functions(self) -> int:
@@ -107,7 +110,7 @@ class BlockwiseExecutor:
       finally:
         _tls.inside = False
 
-    fn = jax.jit(run)
+    fn = jax.jit(run, compiler_options=self.compiler_options)
     with self._lock:
       return self._fns.setdefault(key, fn)
 
