@@ -313,10 +313,19 @@ def test_fitness_tau0_matches_direct_computation_on_both_backends(rgb_npz):
   for backend, bucket in (("masked", 1), ("sliced", 1), ("sliced", 4)):
     ev = fitness.Evaluator(net, v, fd, cfg, backend=backend, bucket=bucket)
     out = ev.evaluate(alpha, kappa)
-    ev.close()
     np.testing.assert_allclose(out["loss"], direct, rtol=2e-5,
                                err_msg=f"{backend} bucket={bucket}")
     assert np.all(out["feasible"]) and np.all(out["flops"] <= 0.5)
+    assert not np.any(out["cached"])
+    # Same masks again (and twice in one round): memoized, same losses.
+    idx = np.array([1, 1, 0])
+    again = ev.evaluate(alpha[idx], kappa[idx])
+    ev.close()
+    assert np.all(again["cached"])
+    np.testing.assert_array_equal(again["loss"], out["loss"][idx])
+    # A child whose mutation leaves the masks unchanged is not evaluated.
+    assert again["mask_digest"][0] == out["mask_digest"][1]
+    assert len(set(out["mask_digest"])) == 3
   # Different candidates prune differently: losses differ.
   assert len(set(np.round(direct, 6))) == 3
 
@@ -501,6 +510,13 @@ def test_killed_search_resumes_to_the_same_result(baseline, tmp_path):
   assert (ref / "progress.png").stat().st_size > 1000
   result = json.load(open(ref / "result.json"))
   assert result["loss"] == min(r["loss"] for r in la)
+  assert result["evaluated"] + result["memoized"] == 24
+  # Memoized records repeat the loss of an earlier record with their masks.
+  first = {}
+  for r in la:
+    if r["cached"]:
+      assert r["loss"] == first[r["mask_digest"]]
+    first.setdefault(r["mask_digest"], r["loss"])
   assert all(0.3 < r["flops"] <= 0.4 for r in la)
 
   # A different search in the same workdir is refused.

@@ -279,6 +279,10 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
     elapsed = 0.0
   count = int(state.count)
   evlog.truncate(count)
+  # Losses already known (a resumed search): the memo starts where it was.
+  evaluator.cache.update(
+      (r["mask_digest"], float("inf") if r["loss"] is None else r["loss"])
+      for r in evlog.read() if r.get("feasible") and "mask_digest" in r)
   log(f"search: {net!r}, {len(layer_names)} layers; target FLOPs "
       f"{config.flops}, safeguard {config.safeguard}, tau_hat "
       f"{config.tau_hat}; {len(data.val_labels) * data.val_labels.shape[1]} "
@@ -292,6 +296,7 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
                  stream=None if progress else open(os.devnull, "w"))
   last_ckpt = count
   t_session = time.perf_counter()
+  memo_hits = 0
   while count < config.evaluations:
     k = evo_cfg.round_size(count, config.candidates_per_round)
     t0 = time.perf_counter()
@@ -313,8 +318,9 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
           "elapsed_s": elapsed + time.perf_counter() - t_session,
           "count": count})
       last_ckpt = count
-    bar.update(count, best_loss=best_loss,
-               s_per_cand=round(dt / k, 3))
+    memo_hits += int(np.sum(res["cached"]))
+    bar.update(count, best_loss=best_loss, s_per_cand=round(dt / k, 3),
+               memoized=memo_hits)
     if crash_after is not None and count >= crash_after:
       os.kill(os.getpid(), signal.SIGKILL)
   bar.close()
@@ -337,11 +343,15 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
   except Exception as e:  # pylint: disable=broad-except
     log(f"warning: could not draw {PLOT_PNG}: {e}")
   secs = [r["seconds_per_candidate"] for r in records]
+  fresh = sum(1 for r in records if not r.get("cached"))
   identity = [r for r in records if r["evaluation"] == 0]
   result = {**info, "identity_loss": identity[0]["loss"] if identity else None,
             "search_time_s": round(elapsed, 2),
             "median_seconds_per_candidate": float(np.median(secs)) if secs
             else None,
+            "mean_seconds_per_candidate": round(elapsed / max(1, len(
+                records)), 4) if secs else None,
+            "evaluated": fresh, "memoized": len(records) - fresh,
             "backend": evaluator.backend, "devices": len(evaluator.devices),
             "candidates_per_round": config.candidates_per_round}
   _write_json(os.path.join(workdir, RESULT_JSON), result)

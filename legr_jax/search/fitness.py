@@ -213,6 +213,15 @@ def masked_loss(net, config: FitnessConfig, variables, data: dict, masks):
 # --- evaluator ----------------------------------------------------------------------
 
 
+def mask_digest(spec, masks: dict) -> str:
+  """Short content hash of one candidate's 0/1 group masks."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha1()
+  for g in spec.groups:
+    h.update(np.packbits(np.asarray(masks[g.name]) > 0).tobytes())
+  return h.hexdigest()[:16]
+
+
 def default_backend() -> str:
   return "sliced" if jax.default_backend() == "cpu" else "masked"
 
@@ -248,12 +257,14 @@ class Evaluator:
     compiler_options: XLA options of the compiled evaluation functions;
       default `CPU_COMPILER_OPTIONS` on CPU devices, none elsewhere ({} for
       XLA's defaults).
+    memo: memoize losses by mask digest (see `evaluate`); ``cache`` (digest
+      -> loss) may be pre-filled, e.g. from a resumed search's log.
   """
 
   def __init__(self, net, variables, data: FitnessData, config: FitnessConfig,
                *, backend: str = "auto", devices=None, bucket: int = 4,
                workers: int | None = None,
-               compiler_options: dict | None = None):
+               compiler_options: dict | None = None, memo: bool = True):
     if backend not in BACKENDS:
       raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     self.net, self.config = net, config
@@ -278,6 +289,8 @@ class Evaluator:
     self.layer_names = spec.layer_names
     self.layer_std = np.array([float(np.std(np.asarray(self.norms[l])))
                                for l in self.layer_names], np.float32)
+    self.memo = memo
+    self.cache: dict[str, float] = {}   # mask digest -> loss
     self._masks_fn = jax.jit(jax.vmap(functools.partial(
         candidate_masks, spec, self.norms, config=config)))
     self._executor = BlockwiseExecutor(self.compiler_options)
@@ -300,16 +313,37 @@ class Evaluator:
   def evaluate(self, alpha, kappa) -> dict:
     """Losses of K candidates (alpha, kappa: [K, L]).
 
+    A candidate's loss is a pure function of its masks (the training batches
+    are fixed), so losses are memoized by a digest of the masks: candidates
+    whose pruned network was already evaluated (common: a child whose
+    mutations do not move the global cut-off prunes exactly like its
+    parent) cost no evaluation, and duplicates within a round are evaluated
+    once. ``memo=False`` in the constructor turns this off.
+
     Returns numpy arrays ``{'loss': [K] (inf when infeasible), 'flops': [K]
-    kept FLOPs fraction, 'feasible': [K] bool}``.
+    kept FLOPs fraction, 'feasible': [K] bool, 'mask_digest': [K] str,
+    'cached': [K] bool}``.
     """
     alpha, kappa = np.asarray(alpha, np.float32), np.asarray(kappa,
                                                              np.float32)
     chex.assert_shape(alpha, (None, len(self.layer_names)))
     masks, feasible, frac = self.masks(alpha, kappa)
     k = alpha.shape[0]
+    digests = [mask_digest(self.net.spec, {g: v[i] for g, v in masks.items()})
+               for i in range(k)]
     loss = np.full((k,), np.inf, np.float32)
-    todo = [i for i in range(k) if feasible[i]]
+    cached = np.zeros((k,), bool)
+    todo, first = [], {}
+    for i in range(k):
+      if not feasible[i]:
+        continue
+      if self.memo and digests[i] in self.cache:
+        loss[i], cached[i] = self.cache[digests[i]], True
+      elif digests[i] in first:
+        cached[i] = True          # a duplicate within this round
+      else:
+        first[digests[i]] = i
+        todo.append(i)
     if todo:
       sub = {g: v[todo] for g, v in masks.items()}
       if self.backend == "masked":
@@ -317,8 +351,14 @@ class Evaluator:
       else:
         vals = self._sliced_losses(sub)
       loss[todo] = vals
+      if self.memo:
+        self.cache.update((digests[i], float(v)) for i, v in zip(todo, vals))
+    for i in range(k):
+      if feasible[i] and not np.isfinite(loss[i]) and digests[i] in first:
+        loss[i] = loss[first[digests[i]]]
     return {"loss": loss, "flops": np.asarray(frac, np.float32),
-            "feasible": np.asarray(feasible, bool)}
+            "feasible": np.asarray(feasible, bool),
+            "mask_digest": np.asarray(digests), "cached": cached}
 
   # -- masked backend --------------------------------------------------------
 
@@ -362,9 +402,15 @@ class Evaluator:
       if device not in self._per_device:
         d = self.data
         put = lambda a: jax.device_put(a, device)  # noqa: E731
+        # Per-batch arrays for the sliced backend; the padded rows of the
+        # last batch are dropped (1,000 images: 7 x 128 + 104, not 1,024).
+        val = []
+        for i in range(len(d.val_images)):
+          n = int(d.val_valid[i].sum())
+          val.append((put(d.val_images[i][:n]), put(d.val_labels[i][:n]),
+                      put(d.val_valid[i][:n])))
         self._per_device[device] = {
-            "val": [(put(d.val_images[i]), put(d.val_labels[i]),
-                     put(d.val_valid[i])) for i in range(len(d.val_images))],
+            "val": val,
             "train": (put(d.train_images), put(d.train_labels)),
             "stats": (put(d.mean), put(d.inv_std)),
             "val_stacked": (put(d.val_images), put(d.val_labels),
@@ -440,5 +486,5 @@ def layer_norm_std(net, variables) -> np.ndarray:
 
 
 __all__ = ["BACKENDS", "Evaluator", "FitnessConfig", "FitnessData",
-           "bucket_masks", "candidate_masks", "default_backend", "finetune",
+           "bucket_masks", "mask_digest", "candidate_masks", "default_backend", "finetune",
            "layer_norm_std", "masked_loss", "prepare_data", "validation_loss"]

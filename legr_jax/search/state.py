@@ -115,6 +115,8 @@ def evaluation_records(index, alpha, kappa, result: dict, *, population: int,
         "flops": float(result["flops"][j]),
         "feasible": bool(result["feasible"][j]),
         "loss": _finite_or_none(result["loss"][j]),
+        "mask_digest": str(result["mask_digest"][j]),
+        "cached": bool(result["cached"][j]),
         "seconds_per_candidate": round(per, 4)})
   return out
 
