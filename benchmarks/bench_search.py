@@ -100,6 +100,10 @@ def main():
                  "backend:K:workers[:bucket] (default per tau_hat)")
   p.add_argument("--warmup", type=int, default=None)
   p.add_argument("--candidates", type=int, default=None)
+  p.add_argument("--search_evaluations", type=int, default=0,
+                 help="also run a real search (P=64, S=16, K=2, sliced) of "
+                 "this many evaluations and report its seconds per "
+                 "candidate, memoized repeats included")
   p.add_argument("--json_out", default=None)
   args = p.parse_args()
 
@@ -163,6 +167,28 @@ def main():
             f"{r['mean_s_per_candidate']:.3f}), first {warmup} incl. "
             f"compile {r['warmup_s_per_candidate']:.2f} s/candidate, cpu/wall"
             f" {r['cpu_over_wall']:.2f}{ratio}", flush=True)
+  if args.search_evaluations:
+    import tempfile  # pylint: disable=g-import-not-at-top
+    from legr_jax import search  # pylint: disable=g-import-not-at-top
+    cfg = search.SearchConfig(
+        dataset=f"npz:{args.data}", val_size=args.val, flops=args.flops,
+        safeguard=args.safeguard, eval_batch_size=args.batch,
+        evaluations=max(64, args.search_evaluations), candidates_per_round=2,
+        checkpoint_every=64)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      r = search.search(cfg, tempfile.mkdtemp(prefix="bench_search_"),
+                        net=net, variables=variables, dataset=ds,
+                        progress=False, log=lambda s: None)
+    res = r.result
+    print(f"search of {cfg.evaluations} evaluations (tau_hat=0, K=2, "
+          f"sliced): {res['mean_seconds_per_candidate']:.3f} s/candidate "
+          f"on average ({res['evaluated']} evaluated, {res['memoized']} "
+          f"memoized repeats), median {res['median_seconds_per_candidate']:.3f}"
+          f"; PyTorch/JAX ratio "
+          f"{PYTORCH[0] / res['mean_seconds_per_candidate']:.2f}; best loss "
+          f"{r.loss:.4f} (identity {res['identity_loss']:.4f})", flush=True)
+    results.append({"search": res})
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(results, f, indent=2)
