@@ -43,6 +43,54 @@ def kept_channels(spec, masks) -> dict[str, np.ndarray]:
   return keep
 
 
+def slice_arrays(spec, variables, keep: dict[str, np.ndarray]):
+  """The numpy core of surgery: no network is built (fast; used per candidate
+  by the search).
+
+  Args:
+    spec: the `NetSpec` of the network ``variables`` belong to.
+    variables: ``{'params', 'batch_stats'}`` (arrays or numpy).
+    keep: group name -> sorted int indices of the channels to keep.
+  Returns:
+    ``(widths, index_maps, small_variables)``: per-site width overrides and
+    shortcut index maps (the ``config`` entries of the sliced network) and
+    its numpy variables.
+  """
+  widths, index_maps = {}, {}
+  for c in spec.convs:
+    if not c.depthwise:
+      widths[c.name] = int(keep[c.out_group].size)
+  for s in spec.shortcuts:
+    dst, src = keep[s.out_group], keep[s.in_group]
+    position = np.full(s.in_channels, -1, np.int64)
+    position[src] = np.arange(src.size)
+    imap = np.asarray(s.index_map, np.int64)[dst]
+    widths[s.name] = int(dst.size)
+    index_maps[s.name] = np.where(imap >= 0, position[np.maximum(imap, 0)],
+                                  -1).tolist()
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  new_params: dict = {}
+  new_stats: dict = {}
+  for c in spec.convs:
+    out_idx = keep[c.out_group]
+    kernel = np.asarray(_get(params, c.name)["conv"]["kernel"])
+    if not c.depthwise and c.in_group is not None:
+      kernel = kernel[:, :, keep[c.in_group], :]  # [kh, kw, cin/g, cout]
+    _set(new_params, c.name + "/conv/kernel", kernel[..., out_idx])
+    for k, v in _get(params, c.name)["bn"].items():
+      _set(new_params, f"{c.name}/bn/{k}", np.asarray(v)[out_idx])
+    for k, v in _get(stats, c.name)["bn"].items():
+      _set(new_stats, f"{c.name}/bn/{k}", np.asarray(v)[out_idx])
+  d = spec.dense
+  dense = _get(params, d.name)["dense"]
+  kernel = np.asarray(dense["kernel"])
+  if d.in_group is not None:
+    kernel = kernel[keep[d.in_group], :]
+  _set(new_params, d.name + "/dense/kernel", kernel)
+  _set(new_params, d.name + "/dense/bias", np.asarray(dense["bias"]))
+  return widths, index_maps, {"params": new_params, "batch_stats": new_stats}
+
+
 def slice_network(net: PrunableNet, variables, masks):
   """Removes masked channels physically.
 
@@ -56,46 +104,13 @@ def slice_network(net: PrunableNet, variables, masks):
     ``small_net.config`` (JSON-serializable) rebuilds it with
     `legr_jax.models.from_config`.
   """
-  spec = net.spec
-  keep = kept_channels(spec, masks)
+  keep = kept_channels(net.spec, masks)
+  widths, index_maps, small_variables = slice_arrays(
+      net.spec, jax.device_get(variables), keep)
   config = copy.deepcopy(net.config)
-  widths = dict(config.get("widths", {}))
-  index_maps = dict(config.get("index_maps", {}))
-  for c in spec.convs:
-    if not c.depthwise:
-      widths[c.name] = int(keep[c.out_group].size)
-  for s in spec.shortcuts:
-    dst, src = keep[s.out_group], keep[s.in_group]
-    position = {int(i): p for p, i in enumerate(src)}
-    widths[s.name] = int(dst.size)
-    index_maps[s.name] = [position.get(s.index_map[j], -1) for j in dst]
-  config["widths"] = widths
-  config["index_maps"] = index_maps
-
-  params = jax.tree_util.tree_map(np.asarray, variables["params"])
-  stats = jax.tree_util.tree_map(np.asarray, variables.get("batch_stats", {}))
-  new_params: dict = {}
-  new_stats: dict = {}
-  for c in spec.convs:
-    out_idx = keep[c.out_group]
-    kernel = _get(params, c.name)["conv"]["kernel"]  # [kh, kw, cin/g, cout]
-    if not c.depthwise and c.in_group is not None:
-      kernel = kernel[:, :, keep[c.in_group], :]
-    _set(new_params, c.name + "/conv/kernel", kernel[..., out_idx])
-    for k, v in _get(params, c.name)["bn"].items():
-      _set(new_params, f"{c.name}/bn/{k}", v[out_idx])
-    for k, v in _get(stats, c.name)["bn"].items():
-      _set(new_stats, f"{c.name}/bn/{k}", v[out_idx])
-  d = spec.dense
-  dense = _get(params, d.name)["dense"]
-  kernel = dense["kernel"]
-  if d.in_group is not None:
-    kernel = kernel[keep[d.in_group], :]
-  _set(new_params, d.name + "/dense/kernel", kernel)
-  _set(new_params, d.name + "/dense/bias", dense["bias"])
-
+  config["widths"] = {**config.get("widths", {}), **widths}
+  config["index_maps"] = {**config.get("index_maps", {}), **index_maps}
   small_net = from_config(config)
-  small_variables = {"params": new_params, "batch_stats": new_stats}
   expected = jax.eval_shape(small_net.init, jax.random.key(0))
   got = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape,
                                                               a.dtype),
