@@ -13,6 +13,12 @@ name -> alpha, kappa) beside an orbax copy (WORKDIR/ranking); every
 evaluation is logged to WORKDIR/evaluations.jsonl and the progress is drawn in
 WORKDIR/progress.png. Rerunning the same command resumes a killed search; a
 different search in WORKDIR is refused unless --overwrite.
+
+Several hosts (a TPU pod slice, a CPU cluster): run the same command on every
+host with --distributed (or --coordinator_address, --num_processes and
+--process_id where JAX cannot find its peers itself) and a --workdir all of
+them share; each round's candidates are spread over every host's devices and
+process 0 writes the plain files.
 """
 
 from __future__ import annotations
@@ -27,6 +33,18 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "CPU only: split the host into this many JAX "
     "devices (sets --xla_force_host_platform_device_count before JAX "
     "starts); candidates are spread over them.")
+DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Run as one program over several hosts: calls "
+    "jax.distributed.initialize() (which finds its peers by itself on TPU "
+    "pods, SLURM and similar; elsewhere give the three flags below on every "
+    "host). Every host runs the same command; --workdir must be shared.")
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (implies "
+    "--distributed).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in "
+                                     "all (implies --distributed).")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index"
+                                  ", 0 .. num_processes-1.")
 WORKDIR = flags.DEFINE_string("workdir", None, "Search directory (required).")
 CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Workdir of the pretrained baseline written by "
@@ -93,6 +111,13 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   # JAX is imported only now, so --cpu_devices can take effect.
+  if DISTRIBUTED.value or COORDINATOR.value or NUM_PROCESSES.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    # CPU processes exchange losses through gloo (XLA:CPU's collectives).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=COORDINATOR.value,
+                               num_processes=NUM_PROCESSES.value,
+                               process_id=PROCESS_ID.value)
   from legr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from legr_jax import search, train  # pylint: disable=g-import-not-at-top
 

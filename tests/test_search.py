@@ -4,6 +4,7 @@ independence, kill/resume and the CLI."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -522,6 +523,50 @@ def test_killed_search_resumes_to_the_same_result(baseline, tmp_path):
   # A different search in the same workdir is refused.
   proc = _cli(ref, baseline, "--candidates_per_round=2", "--seed=1")
   assert proc.returncode == 2 and "different search" in proc.stderr
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("backend", ["sliced", "masked"])
+def test_two_processes_give_the_one_process_result(baseline, tmp_path,
+                                                   backend):
+  """jax.distributed with two local CPU processes (2 devices each) runs the
+  same search as one process: the candidates are split over the processes
+  and their losses gathered; only process 0 writes the log."""
+  flags = ["--candidates_per_round=4", f"--backend={backend}"]
+  ref = tmp_path / "one"
+  proc = _cli(ref, baseline, *flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  two = tmp_path / "two"
+  port = _free_port()
+  cmd = lambda i: [  # noqa: E731
+      sys.executable, "-m", "experiments.learn_ranking", f"--workdir={two}",
+      f"--checkpoint={baseline}", "--target_flops=0.4", "--tau_hat=0",
+      "--generations=24", "--population=8", "--sample=4",
+      "--eval_batch_size=64", "--checkpoint_every=4", "--noprogress",
+      "--cpu_devices=2", f"--coordinator_address=localhost:{port}",
+      "--num_processes=2", f"--process_id={i}", *flags]
+  procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=400) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  result = json.load(open(two / "result.json"))
+  assert result["processes"] == 2 and result["devices"] == 4
+  la = [json.loads(l) for l in open(ref / "evaluations.jsonl")]
+  lb = [json.loads(l) for l in open(two / "evaluations.jsonl")]
+  assert [r["evaluation"] for r in lb] == list(range(24))  # one writer
+  for ra, rb in zip(la, lb):
+    assert ra["digest"] == rb["digest"]
+    np.testing.assert_allclose(rb["loss"], ra["loss"], rtol=1e-5)
+  a = json.load(open(ref / "ranking.json"))
+  b = json.load(open(two / "ranking.json"))
+  assert a["layers"] == b["layers"]
 
 
 def test_learned_ranking_beats_the_identity_ranking(baseline, tmp_path):

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from legr_jax.search import evolution, fitness
+from legr_jax.search import evolution, fitness, multihost
 from legr_jax.search import state as state_lib
 from legr_jax.train.progress import Progress
 
@@ -252,7 +252,22 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
   Raises:
     SearchConflictError: ``workdir`` holds a different search.
   """
-  resuming = prepare_workdir(workdir, config, overwrite=overwrite, log=log)
+  # Several processes (multihost): the primary prepares the workdir and
+  # writes the plain files; all of them read, evaluate and write orbax.
+  primary = multihost.is_primary()
+  if not primary:
+    log, progress = (lambda s: None), False
+  status = {"resuming": False, "error": None}
+  if primary:
+    try:
+      status["resuming"] = prepare_workdir(workdir, config,
+                                           overwrite=overwrite, log=log)
+    except SearchConflictError as e:
+      status["error"] = str(e)
+  status = multihost.broadcast_json(status)
+  if status["error"]:
+    raise SearchConflictError(status["error"])
+  resuming = status["resuming"]
   evo_cfg = config.evolution_config()
   fit_cfg = config.fitness_config()
   data = fitness.prepare_data(dataset, fit_cfg)
@@ -278,7 +293,9 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
   else:
     elapsed = 0.0
   count = int(state.count)
-  evlog.truncate(count)
+  if primary:
+    evlog.truncate(count)
+  multihost.sync("legr_search_log_ready")
   # Losses already known (a resumed search): the memo starts where it was.
   evaluator.cache.update(
       (r["mask_digest"], float("inf") if r["loss"] is None else r["loss"])
@@ -288,7 +305,8 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
       f"{config.tau_hat}; {len(data.val_labels) * data.val_labels.shape[1]} "
       f"validation slots ({int(data.val_valid.sum())} images); backend "
       f"{evaluator.backend}, K={config.candidates_per_round}, "
-      f"{len(evaluator.devices)} device(s), {evaluator.workers} worker(s)")
+      f"{len(evaluator.devices)} device(s) on {jax.process_count()} "
+      f"process(es), {evaluator.workers} worker(s)")
 
   best_loss = min([r["loss"] for r in evlog.read() if r["loss"] is not None],
                   default=float("inf"))
@@ -306,9 +324,10 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
     state = evolution.insert_jit(state, alpha, kappa, res["loss"])
     count += k
     dt = time.perf_counter() - t0
-    evlog.write(state_lib.evaluation_records(
-        index, alpha, kappa, res, population=config.population,
-        round_index=round_index_of(count - k, config), seconds=dt))
+    if primary:
+      evlog.write(state_lib.evaluation_records(
+          index, alpha, kappa, res, population=config.population,
+          round_index=round_index_of(count - k, config), seconds=dt))
     finite = res["loss"][np.isfinite(res["loss"])]
     if finite.size:
       best_loss = min(best_loss, float(finite.min()))
@@ -328,6 +347,7 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
   elapsed += time.perf_counter() - t_session
 
   alpha, kappa, loss, birth = jax.device_get(evolution.best(state))
+  multihost.sync("legr_search_done")
   records = evlog.read()
   info = {"loss": float(loss), "evaluation": int(birth),
           "flops_target": config.flops, "safeguard": config.safeguard,
@@ -336,10 +356,11 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
           "evaluations": config.evaluations}
   state_lib.save_ranking(workdir, layer_names, alpha, kappa, info)
   try:
-    plot_progress(records, config.population,
-                  os.path.join(workdir, PLOT_PNG),
-                  title=f"LeGR search: {net.name}, FLOPs {config.flops}, "
-                        f"tau_hat {config.tau_hat}")
+    if primary:
+      plot_progress(records, config.population,
+                    os.path.join(workdir, PLOT_PNG),
+                    title=f"LeGR search: {net.name}, FLOPs {config.flops}, "
+                          f"tau_hat {config.tau_hat}")
   except Exception as e:  # pylint: disable=broad-except
     log(f"warning: could not draw {PLOT_PNG}: {e}")
   secs = [r["seconds_per_candidate"] for r in records]
@@ -353,8 +374,10 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
                 records)), 4) if secs else None,
             "evaluated": fresh, "memoized": len(records) - fresh,
             "backend": evaluator.backend, "devices": len(evaluator.devices),
+            "processes": jax.process_count(),
             "candidates_per_round": config.candidates_per_round}
-  _write_json(os.path.join(workdir, RESULT_JSON), result)
+  if primary:
+    _write_json(os.path.join(workdir, RESULT_JSON), result)
   manager.close()
   log(f"best loss {float(loss):.4f} (evaluation {int(birth)}; identity "
       f"ranking {result['identity_loss']}); ranking in "

@@ -42,9 +42,11 @@ XLA's FAST_COMPILE preset, which also runs faster (`CPU_COMPILER_OPTIONS`).
 Beyond one host: after `jax.distributed.initialize()`, ``jax.devices()``
 spans every host; the 'masked' backend's mesh is built over all of them, every
 host runs the same search (same seed, identical evolution state) and feeds the
-same candidates, and the loss array comes back replicated. (Only the
-single-host multi-device path is tested; the 'sliced' backend uses the local
-devices of each host.)
+same candidates, and the loss array comes back replicated. The 'sliced'
+backend splits each round's candidates round robin over the processes, each
+evaluating its share on its own devices, and gathers the losses
+(`multihost`). Both are tested with two local CPU processes
+(tests/test_search.py::test_two_processes_give_the_one_process_result).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from legr_jax import cost as cost_lib
 from legr_jax import data as data_lib
 from legr_jax import ranking, surgery
-from legr_jax.search import slicing
+from legr_jax.search import multihost, slicing
 from legr_jax.search.blockwise import BlockwiseExecutor
 from legr_jax.train import optim
 from legr_jax.train import step as step_lib
@@ -470,19 +472,23 @@ class Evaluator:
 
   def _sliced_losses(self, masks: dict) -> np.ndarray:
     k = next(iter(masks.values())).shape[0]
-    per = [{g: np.asarray(v[i]) for g, v in masks.items()} for i in range(k)]
+    # Several processes: each evaluates its share on its own devices and
+    # the losses are gathered (multihost.gather_owned).
+    mine = multihost.owned(k)
+    per = [{g: np.asarray(v[i]) for g, v in masks.items()} for i in mine]
     local = [d for d in self.devices
              if d.process_index == jax.process_index()] or jax.local_devices()
-    devs = [local[i % len(local)] for i in range(k)]
-    if self.workers == 1 or k == 1:
-      return np.array([self._sliced_one(m, d) for m, d in zip(per, devs)],
-                      np.float32)
-    if self._pool is None:
-      self._pool = concurrent.futures.ThreadPoolExecutor(
-          self.workers, thread_name_prefix="legr_fitness")
-    futures = [self._pool.submit(self._sliced_one, m, d)
-               for m, d in zip(per, devs)]
-    return np.array([f.result() for f in futures], np.float32)
+    devs = [local[i % len(local)] for i in range(len(per))]
+    if self.workers == 1 or len(per) <= 1:
+      vals = [self._sliced_one(m, d) for m, d in zip(per, devs)]
+    else:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            self.workers, thread_name_prefix="legr_fitness")
+      futures = [self._pool.submit(self._sliced_one, m, d)
+                 for m, d in zip(per, devs)]
+      vals = [f.result() for f in futures]
+    return multihost.gather_owned(np.array(vals, np.float32), k)
 
   def close(self) -> None:
     if self._pool is not None:

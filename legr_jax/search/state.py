@@ -129,11 +129,12 @@ def save_ranking(workdir: str, layer_names, alpha, kappa, info: dict) -> None:
   layers = {name: {"alpha": float(a), "kappa": float(k)}
             for name, a, k in zip(layer_names, alpha, kappa)}
   doc = {"layers": layers, "layer_order": list(layer_names), **info}
-  path = os.path.join(workdir, RANKING_JSON)
-  with open(path + ".tmp", "w") as f:
-    json.dump(doc, f, indent=2)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+  if jax.process_index() == 0:   # orbax below is written by every process
+    path = os.path.join(workdir, RANKING_JSON)
+    with open(path + ".tmp", "w") as f:
+      json.dump(doc, f, indent=2)
+      f.write("\n")
+    os.replace(path + ".tmp", path)
   ckpt = ocp.StandardCheckpointer()
   target = os.path.abspath(os.path.join(workdir, RANKING_DIR))
   ckpt.save(target, {"alpha": alpha, "kappa": kappa}, force=True)
