@@ -5,7 +5,9 @@ Usage: python benchmarks/bench_sliced_inference.py [--batch 256] [--repeats 5]
 The pruned network removes the lowest-L2 filters globally (alpha=1, kappa=0,
 safeguard 0.1) until 50% of the MACs remain, then slices it physically.
 Timing: eval-mode forward at the given batch, after compilation, median of
-``--repeats`` runs.
+``--repeats`` runs; with XLA's default and FAST_COMPILE presets, and with
+output packing of narrow convs off (``conv_lanes 0``: XLA's ordinary convs)
+and at its default (`legr_jax.models.conv_packing`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from legr_jax import cost, models, ranking, surgery  # noqa: E402
+from legr_jax.models import conv_packing  # noqa: E402
 
 
 def l2_masks_for_half_flops(net, variables):
@@ -64,16 +67,20 @@ def main():
   presets = {"default": None,
              "fast_compile": {"xla_cpu_opt_preset":
                               "CPU_OPT_PRESET_FAST_COMPILE"}}
+  lanes_default = conv_packing.default_lanes()
   for label, opts in presets.items():
     if jax.default_backend() != "cpu" and opts is not None:
       continue
-    full_ips = images_per_second(net, variables, args.batch, args.repeats,
-                                 opts)
-    small_ips = images_per_second(small, small_vars, args.batch,
-                                  args.repeats, opts)
-    print(f"[XLA preset {label}] unpruned {full_ips:.0f} images/s, sliced "
-          f"{small_ips:.0f} images/s, time ratio sliced/unpruned "
-          f"{full_ips / small_ips:.3f} (goal <= 0.6)")
+    for lanes in sorted({0, lanes_default}):
+      net.conv_lanes = small.conv_lanes = lanes
+      full_ips = images_per_second(net, variables, args.batch, args.repeats,
+                                   opts)
+      small_ips = images_per_second(small, small_vars, args.batch,
+                                    args.repeats, opts)
+      print(f"[XLA preset {label}, conv_lanes {lanes}] unpruned "
+            f"{full_ips:.0f} images/s, sliced {small_ips:.0f} images/s, "
+            f"time ratio sliced/unpruned {full_ips / small_ips:.3f} "
+            "(goal <= 0.6)", flush=True)
 
 
 if __name__ == "__main__":

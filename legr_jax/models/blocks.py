@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from legr_jax.models import conv_packing
+
 INPUT_NODE = "<input>"
 
 
@@ -120,12 +122,15 @@ class Context:
     index_maps: shortcut site name -> tuple, for every output channel the
       input channel it copies or -1 for a zero channel (sliced networks).
     recorder: set only while deriving the channel spec.
+    conv_lanes: output packing of narrow convs (`conv_packing`; 0: off).
+      A compute-layout choice only: results are unchanged.
   """
   masks: dict[str, Any] | None = None
   widths: dict[str, int] = dataclasses.field(default_factory=dict)
   index_maps: dict[str, tuple[int, ...]] = dataclasses.field(
       default_factory=dict)
   recorder: Recorder | None = None
+  conv_lanes: int = 0
 
   def mask(self, site: str):
     if self.masks is None:
@@ -200,6 +205,7 @@ class ConvBN(nn.Module):
                 use_bias=False, feature_group_count=groups, dtype=self.dtype,
                 kernel_init=nn.initializers.variance_scaling(
                     2.0, "fan_out", "normal"),
+                conv_general_dilated=conv_packing.conv_fn(ctx.conv_lanes),
                 name="conv")(x)
     y = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                      epsilon=1e-5, dtype=self.dtype, name="bn")(y)

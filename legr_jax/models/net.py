@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from legr_jax.models import blocks
+from legr_jax.models import blocks, conv_packing
 from legr_jax.models.cnn import SmallCNN
 from legr_jax.models.mobilenetv2 import MobileNetV2
 from legr_jax.models.resnet_cifar import ResNetCifar
@@ -44,6 +44,10 @@ class PrunableNet:
       enough to rebuild the network with `from_config`.
     module: the Flax module, called as ``module(x, ctx, train)``.
     spec: the `NetSpec` (groups, wiring, spatial sizes) of this network.
+    conv_lanes: output packing of narrow convs (`conv_packing`), a compute
+      layout choice that leaves results unchanged; default
+      `conv_packing.default_lanes()` (16 on AVX-512 CPUs, else 0 = off).
+      Assign 0 to run every conv as XLA's ordinary convolution.
   """
 
   def __init__(self, config: dict[str, Any]):
@@ -62,10 +66,12 @@ class PrunableNet:
     self._index_maps = {k: tuple(int(i) for i in v)
                         for k, v in config.get("index_maps", {}).items()}
     self.spec: NetSpec = self._derive_spec()
+    self.conv_lanes: int = conv_packing.default_lanes()
 
   def _context(self, site_masks=None, recorder=None) -> blocks.Context:
     return blocks.Context(masks=site_masks, widths=self._widths,
-                          index_maps=self._index_maps, recorder=recorder)
+                          index_maps=self._index_maps, recorder=recorder,
+                          conv_lanes=getattr(self, "conv_lanes", 0))
 
   def _derive_spec(self) -> NetSpec:
     rec = blocks.Recorder()

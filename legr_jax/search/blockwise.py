@@ -22,7 +22,7 @@ import threading
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from legr_jax.models import blocks
+from legr_jax.models import blocks, conv_packing
 
 _tls = threading.local()
 
@@ -76,12 +76,16 @@ class BlockwiseExecutor:
   train=False)`` up to float rounding.
   """
 
-  def __init__(self, compiler_options: dict | None = None):
+  def __init__(self, compiler_options: dict | None = None,
+               conv_lanes: int | None = None):
     """``compiler_options``: XLA options for every block's compilation (e.g.
-    `fitness.CPU_COMPILER_OPTIONS`)."""
+    `fitness.CPU_COMPILER_OPTIONS`); ``conv_lanes``: output packing of
+    narrow convs (default `conv_packing.default_lanes()`)."""
     self._fns: dict = {}
     self._lock = threading.Lock()
     self.compiler_options = compiler_options
+    self.conv_lanes = (conv_packing.default_lanes() if conv_lanes is None
+                       else int(conv_lanes))
 
   @property
   def num_block_functions(self) -> int:
@@ -104,7 +108,8 @@ class BlockwiseExecutor:
     def run(variables, x, masks, index_arrays):
       _tls.inside = True
       try:
-        ctx = blocks.Context(masks=masks or None, widths=widths)
+        ctx = blocks.Context(masks=masks or None, widths=widths,
+                             conv_lanes=self.conv_lanes)
         with nn.intercept_methods(_shortcut_interceptor(index_arrays)):
           return standalone.apply(variables, x, ctx, train=False)
       finally:
@@ -135,7 +140,7 @@ class BlockwiseExecutor:
     overrides), ``index_maps`` (every zero-pad shortcut site -> index map;
     int arrays, ideally already on the device) and per-site masks."""
     ctx = blocks.Context(masks=site_masks, widths=widths,
-                         index_maps=index_maps)
+                         index_maps=index_maps, conv_lanes=self.conv_lanes)
 
     def interceptor(next_fun, args, kwargs, context):
       m = context.module

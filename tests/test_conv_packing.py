@@ -1,0 +1,108 @@
+"""Output packing (legr_jax.models.conv_packing) changes the compute layout
+only: outputs and gradients equal XLA's ordinary convolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ALL_MODELS, build, perturbed_variables, random_masks
+from jax import lax
+
+from legr_jax import surgery
+from legr_jax.models import conv_packing
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("cin,cout,hw,k,stride,pad", [
+    (16, 4, 32, 3, 1, 1), (16, 8, 32, 3, 1, 1), (4, 1, 16, 3, 1, 1),
+    (8, 3, 14, 3, 2, 1), (16, 2, 32, 5, 1, 2), (3, 6, 12, 3, 1, 1),
+    (6, 5, 9, 3, 2, 1), (16, 4, 16, 3, 1, 0), (8, 2, 10, 3, 2, 0)])
+def test_packed_conv_equals_lax_conv_values_and_gradients(cin, cout, hw, k,
+                                                          stride, pad):
+  rng = np.random.default_rng(cin * 100 + cout)
+  x = jnp.asarray(rng.normal(size=(3, hw, hw + 2, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
+  args = ((stride, stride), ((pad, pad), (pad, pad)))
+  ref = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+      x, w, *args, dimension_numbers=DN)
+  packed = lambda x, w: conv_packing.conv_general_dilated(  # noqa: E731
+      x, w, *args, dimension_numbers=DN, lanes=16)
+  w_out = (hw + 2 + 2 * pad - k) // stride + 1
+  factor = conv_packing.packing_factor(cin, cout, w_out, k, 16)
+  # the cases above are chosen so packing really happens where it can
+  assert factor > 1 or w_out % 2 == 1
+  np.testing.assert_allclose(packed(x, w), ref(x, w), rtol=1e-5, atol=1e-4)
+  # the packed conv really is a different program (stride P along W)
+  if factor > 1:
+    text = str(jax.make_jaxpr(packed)(x, w))
+    assert f"window_strides=({stride}, {stride * factor})" in text
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+  gx, gw = jax.grad(loss(packed), argnums=(0, 1))(x, w)
+  rx, rw = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(gx, rx, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(gw, rw, rtol=1e-4, atol=1e-3)
+
+
+def test_packing_factor_rule():
+  pf = conv_packing.packing_factor
+  assert pf(16, 4, 32, 3, 16) == 4       # 4 pixels x 4 channels = 16 lanes
+  assert pf(16, 8, 32, 3, 16) == 2
+  assert pf(16, 2, 32, 3, 16) == 8
+  assert pf(16, 3, 32, 3, 16) == 4       # 12 of 16 lanes beats 3 of 16
+  assert pf(16, 9, 32, 3, 16) == 1       # no power of two fits
+  assert pf(16, 4, 6, 3, 16) == 2        # must divide the output width
+  assert pf(16, 4, 32, 1, 16) == 1       # 1x1: packing only adds MACs
+  assert pf(32, 4, 32, 3, 16) == 1       # wide inputs: not on that path
+  assert pf(16, 4, 32, 3, 0) == 1        # off
+
+
+def test_unsupported_convs_pass_through_unchanged():
+  x = jnp.ones((1, 8, 8, 4))
+  w = jnp.ones((3, 3, 1, 4))  # depthwise: feature groups
+  out = conv_packing.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN,
+      feature_group_count=4, lanes=16)
+  text = str(jax.make_jaxpr(lambda x, w: conv_packing.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=4,
+      lanes=16))(x, w))
+  assert "window_strides=(1, 1)" in text
+  np.testing.assert_allclose(out, lax.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN,
+      feature_group_count=4))
+
+
+def _logits(net, variables, x, lanes, train=False):
+  net.conv_lanes = lanes  # read while tracing
+  fn = jax.jit(lambda v, x: net.apply(v, x, train=train))
+  return fn(variables, x)
+
+
+@pytest.mark.parametrize("model_name", ALL_MODELS)
+def test_sliced_networks_give_the_same_logits_packed_or_not(model_name):
+  """The pruned networks are where packing happens (narrow convs)."""
+  net = build(model_name)
+  variables = perturbed_variables(net, 3)
+  masks = random_masks(net.spec, 7, keep_prob=0.3)
+  small, small_vars = surgery.slice_network(net, variables, masks)
+  x = jax.random.normal(jax.random.key(1), (2,) + net.input_shape)
+  np.testing.assert_allclose(_logits(small, small_vars, x, 16),
+                             _logits(small, small_vars, x, 0),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_training_gradients_are_the_same_packed_or_not():
+  net = build("resnet20")
+  variables = perturbed_variables(net, 3)
+  masks = random_masks(net.spec, 7, keep_prob=0.3)
+  small, small_vars = surgery.slice_network(net, variables, masks)
+  x = jax.random.normal(jax.random.key(1), (4,) + net.input_shape)
+
+  def grads(lanes):
+    small.conv_lanes = lanes
+    def loss(v):
+      logits, _ = small.apply(v, x, train=True)
+      return jnp.mean(logits ** 2)
+    return jax.jit(jax.grad(loss))(small_vars)
+  for a, b in zip(jax.tree.leaves(grads(16)), jax.tree.leaves(grads(0))):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
