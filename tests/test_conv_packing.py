@@ -91,18 +91,32 @@ def test_sliced_networks_give_the_same_logits_packed_or_not(model_name):
                              rtol=1e-4, atol=1e-4)
 
 
-def test_training_gradients_are_the_same_packed_or_not():
+def _conv_strides(fn, *args):
+  text = str(jax.make_jaxpr(fn)(*args))
+  return [line.split("window_strides=")[1].split(")")[0]
+          for line in text.split("conv_general_dilated")[1:]]
+
+
+def test_network_gradients_are_the_same_packed_or_not_and_training_is_plain():
   net = build("resnet20")
   variables = perturbed_variables(net, 3)
   masks = random_masks(net.spec, 7, keep_prob=0.3)
   small, small_vars = surgery.slice_network(net, variables, masks)
   x = jax.random.normal(jax.random.key(1), (4,) + net.input_shape)
 
-  def grads(lanes):
-    small.conv_lanes = lanes
-    def loss(v):
-      logits, _ = small.apply(v, x, train=True)
-      return jnp.mean(logits ** 2)
-    return jax.jit(jax.grad(loss))(small_vars)
-  for a, b in zip(jax.tree.leaves(grads(16)), jax.tree.leaves(grads(0))):
+  def loss(v):
+    return jnp.mean(small.apply(v, x) ** 2)
+  small.conv_lanes = 16
+  packed_strides = _conv_strides(loss, small_vars)
+  g16 = jax.jit(jax.grad(loss))(small_vars)
+  small.conv_lanes = 0
+  g0 = jax.jit(jax.grad(loss))(small_vars)
+  assert any(s.endswith(("2", "4", "8")) and not s.startswith("(2, 2")
+             for s in packed_strides), packed_strides
+  for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  # train mode runs XLA's ordinary convs (packed gradients ran slower)
+  small.conv_lanes = 16
+  train_strides = _conv_strides(
+      lambda v: small.apply(v, x, train=True)[0], small_vars)
+  assert all(s in ("(1, 1", "(2, 2") for s in train_strides), train_strides

@@ -205,7 +205,10 @@ class ConvBN(nn.Module):
                 use_bias=False, feature_group_count=groups, dtype=self.dtype,
                 kernel_init=nn.initializers.variance_scaling(
                     2.0, "fan_out", "normal"),
-                conv_general_dilated=conv_packing.conv_fn(ctx.conv_lanes),
+                # Inference only: packed convs' gradients ran slower
+                # (sliced ResNet-56 SGD step 1.12-1.22 s vs 1.06 s plain).
+                conv_general_dilated=conv_packing.conv_fn(
+                    0 if train else ctx.conv_lanes),
                 name="conv")(x)
     y = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                      epsilon=1e-5, dtype=self.dtype, name="bn")(y)
