@@ -5,9 +5,10 @@ Usage: python benchmarks/bench_sliced_inference.py [--batch 256] [--repeats 5]
 The pruned network removes the lowest-L2 filters globally (alpha=1, kappa=0,
 safeguard 0.1) until 50% of the MACs remain, then slices it physically.
 Timing: eval-mode forward at the given batch, after compilation, median of
-``--repeats`` runs; with XLA's default and FAST_COMPILE presets, and with
+``--repeats`` runs; with XLA's default and FAST_COMPILE presets (the latter
+also with convs kept off YNNPACK, as the search compiles them), and with
 output packing of narrow convs off (``conv_lanes 0``: XLA's ordinary convs)
-and at its default (`legr_jax.models.conv_packing`).
+and on (`legr_jax.models.conv_packing.lanes_for` those options).
 """
 
 from __future__ import annotations
@@ -64,14 +65,13 @@ def main():
   print(f"unpruned resnet56: {cost.unpruned(net.spec) / 1e6:.2f} M MACs; "
         f"sliced: {cost.unpruned(small.spec) / 1e6:.2f} M MACs "
         f"({frac:.1%} of unpruned)")
-  presets = {"default": None,
-             "fast_compile": {"xla_cpu_opt_preset":
-                              "CPU_OPT_PRESET_FAST_COMPILE"}}
-  lanes_default = conv_packing.default_lanes()
+  fast = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
+  presets = {"default": None, "fast_compile": fast,
+             "fast_compile+no_ynn": {**fast, **conv_packing.NO_YNN_CONVS}}
   for label, opts in presets.items():
     if jax.default_backend() != "cpu" and opts is not None:
       continue
-    for lanes in sorted({0, lanes_default}):
+    for lanes in sorted({0, conv_packing.lanes_for(opts)}):
       net.conv_lanes = small.conv_lanes = lanes
       full_ips = images_per_second(net, variables, args.batch, args.repeats,
                                    opts)

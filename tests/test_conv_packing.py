@@ -48,7 +48,8 @@ def test_packing_factor_rule():
   pf = conv_packing.packing_factor
   assert pf(16, 4, 32, 3, 16) == 4       # 4 pixels x 4 channels = 16 lanes
   assert pf(16, 8, 32, 3, 16) == 2
-  assert pf(16, 2, 32, 3, 16) == 8
+  assert pf(16, 2, 32, 3, 16) == 4       # at most 4
+  assert pf(16, 16, 32, 3, 32) == 2      # 32 lanes (XLA:CPU without YNN)
   assert pf(16, 3, 32, 3, 16) == 4       # 12 of 16 lanes beats 3 of 16
   assert pf(16, 9, 32, 3, 16) == 1       # no power of two fits
   assert pf(16, 4, 6, 3, 16) == 2        # must divide the output width
