@@ -65,6 +65,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from legr_jax import compile_options
 from legr_jax import cost as cost_lib
 from legr_jax import data as data_lib
 from legr_jax import ranking, surgery
@@ -77,17 +78,8 @@ from legr_jax.train import step as step_lib
 BACKENDS = ("auto", "masked", "sliced")
 CANDIDATE_AXIS = "candidates"
 
-# XLA:CPU's FAST_COMPILE preset also runs much faster here: with the default
-# preset XLA fuses the chain of residual additions into the transposes that
-# feed the weight-gradient convolutions, recomputing it per element (ResNet-56
-# train step at 47% FLOPs: 2.26 s -> 1.03 s; eval forward: 346 -> 254 ms per
-# 128 images; see benchmarks/bench_search.py).
-# Keeping convolutions off YNNPACK (XLA's Eigen convs run them) halves the
-# time of the 32- and 64-channel convs on the AVX-512 CPU measured (32 -> 32
-# channels at 16x16, 256 images: 12.5 -> 6.8 ms; 64 -> 64 at 8x8: 12.2 ->
-# 6.7 ms) and lets output packing fill 32 lanes (`conv_packing.lanes_for`).
-CPU_COMPILER_OPTIONS = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE",
-                        **conv_packing.NO_YNN_CONVS}
+# The XLA:CPU options of every compiled evaluation (see `compile_options`).
+CPU_COMPILER_OPTIONS = compile_options.CPU
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from legr_jax import compile_options
 from legr_jax.train import step as step_lib
 
 DATA_AXIS = "data"
@@ -52,14 +53,18 @@ def make_train_step(net, optimizer, mesh: Mesh, *,
                          compute_dtype=compute_dtype)
   rep, data = replicated(mesh), batch_sharding(mesh)
   return jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
-                 donate_argnums=(0,) if donate else ())
+                 donate_argnums=(0,) if donate else (),
+                 compiler_options=compile_options.for_devices(
+                     mesh.devices.flat))
 
 
 def make_eval_step(net, mesh: Mesh, *, compute_dtype: str = "float32"):
   """Jitted ``(variables, batch, masks) -> sums`` (see `step.eval_step`)."""
   fn = functools.partial(step_lib.eval_step, net, compute_dtype=compute_dtype)
   rep, data = replicated(mesh), batch_sharding(mesh)
-  return jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=rep)
+  return jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=rep,
+                 compiler_options=compile_options.for_devices(
+                     mesh.devices.flat))
 
 
 def replicate(tree, mesh: Mesh):
