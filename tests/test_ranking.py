@@ -448,3 +448,105 @@ def test_bad_inputs_raise_clear_errors():
   norms = {l: jnp.ones(3) for l in spec.layer_names}
   with pytest.raises(ValueError, match="alpha keys"):
     ranking.affine_scores(norms, {}, {})
+
+
+# ------------------------------------------------------------------ round_to
+
+
+def unit_greedy_masks(spec, scores, safeguard, r, metric, budget):
+  """Reference for ``round_to=r``: per group, channels in ascending score
+  order (ties: index) cut into units of r from the bottom (groups whose size
+  is not a multiple of r: units of 1); a unit scores as its best channel;
+  units removed one at a time in ascending (score, group, unit) order unless
+  the group is down to ceil(keep / r) units; shortest prefix that fits."""
+  m = {"flops": 0, "params": 1}[metric]
+  sizes = {g.name: g.size for g in spec.groups}
+  rg = {g: (r if c % r == 0 else 1) for g, c in sizes.items()}
+  keep_u = {g: -(-ref_keep(c, safeguard) // rg[g]) for g, c in sizes.items()}
+  units, values, members = [], [], {}
+  for g in spec.groups:
+    s = np.asarray(scores[g.name], np.float64)
+    order = np.argsort(s, kind="stable")
+    for u in range(g.size // rg[g.name]):
+      chans = order[u * rg[g.name]:(u + 1) * rg[g.name]]
+      units.append((g.name, u))
+      values.append(s[chans[-1]])
+      members[(g.name, u)] = chans
+  widths = dict(sizes)
+  full = ref_costs(spec, widths)[m]
+  masks = {g.name: np.ones(g.size, np.float32) for g in spec.groups}
+  left = {g: c // rg[g] for g, c in sizes.items()}
+  for i in np.argsort(np.array(values), kind="stable"):
+    if ref_costs(spec, widths)[m] <= budget * full:
+      break
+    g, u = units[i]
+    if left[g] <= keep_u[g]:
+      continue
+    left[g] -= 1
+    widths[g] -= rg[g]
+    masks[g][members[(g, u)]] = 0.0
+  return masks, ref_costs(spec, widths)[m] <= budget * full
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("r", [4, 8])
+def test_round_to_matches_unit_greedy_reference(name, r):
+  spec, rng = get_net(name).spec, np.random.default_rng(r)
+  norms = ranking.filter_norms(spec, get_params(name))
+  alpha, kappa = random_affine(spec, norms, rng)
+  scores = ranking.group_scores(spec, ranking.affine_scores(norms, alpha,
+                                                            kappa))
+  full = ref_costs(spec, spec.group_sizes)
+  for metric in ("flops", "params"):
+    for b in rng.uniform(0.35, 0.95, 4):
+      masks, feasible = ranking.masks_for_budget(
+          spec, scores, safeguard=0.1, round_to=r, **{metric: float(b)})
+      want, ok = unit_greedy_masks(spec, scores, 0.1, r, metric, float(b))
+      assert bool(feasible) == ok
+      if not ok:
+        continue
+      assert_masks_equal(masks, want)
+      widths = widths_of(masks)
+      for g in spec.groups:
+        if g.size % r == 0:
+          assert widths[g.name] % r == 0, (g.name, widths[g.name])
+      m = ("flops", "params").index(metric)
+      assert ref_costs(spec, widths)[m] <= b * full[m]
+
+
+def test_round_to_one_is_the_default_and_bad_values_are_refused():
+  spec = get_net("resnet20").spec
+  norms = ranking.filter_norms(spec, get_params("resnet20"))
+  alpha, kappa = random_affine(spec, norms, np.random.default_rng(0))
+  scores = ranking.group_scores(spec, ranking.affine_scores(norms, alpha,
+                                                            kappa))
+  a, _ = ranking.masks_for_budget(spec, scores, flops=0.5, safeguard=0.1)
+  b, _ = ranking.masks_for_budget(spec, scores, flops=0.5, safeguard=0.1,
+                                  round_to=1)
+  assert_masks_equal(b, {g: np.asarray(v) for g, v in a.items()})
+  for bad in (0, -8, 2.5, True, "8"):
+    with pytest.raises(ValueError, match="round_to"):
+      ranking.masks_for_budget(spec, scores, flops=0.5, round_to=bad)
+  # the safeguard rounds up to whole units: 0.1 of 16 channels -> 2 -> 8
+  m, _ = ranking.masks_for_budget(spec, scores, flops=0.2, safeguard=0.1,
+                                  round_to=8)
+  assert min(widths_of(m).values()) >= 8
+
+
+def test_round_to_under_jit_and_vmap_equals_eager():
+  spec = get_net("resnet32").spec
+  norms = ranking.filter_norms(spec, get_params("resnet32"))
+  rng = np.random.default_rng(3)
+  alpha, kappa = random_affine(spec, norms, rng, batch=4)
+  scores = jax.vmap(lambda a, k: ranking.group_scores(
+      spec, ranking.affine_scores(norms, a, k)))(alpha, kappa)
+  fn = jax.jit(jax.vmap(lambda s: ranking.masks_for_budget(
+      spec, s, flops=0.45, safeguard=0.1, round_to=8)))
+  batched, feasible = fn(scores)
+  assert np.all(np.asarray(feasible))
+  for i in range(4):
+    one, _ = ranking.masks_for_budget(
+        spec, {g: v[i] for g, v in scores.items()}, flops=0.45,
+        safeguard=0.1, round_to=8)
+    assert_masks_equal({g: v[i] for g, v in batched.items()},
+                       {g: np.asarray(v) for g, v in one.items()})
