@@ -60,7 +60,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--round_to", type=int, nargs="*", default=[1, 8],
+  parser.add_argument("--round_to", type=int, nargs="*", default=[1, 8, 16],
                       help="channel granularities of the pruning to time")
   args = parser.parse_args()
   net = models.get("resnet56")

@@ -29,6 +29,9 @@ flags.DEFINE_list("budgets", ["0.47", "0.7"], "FLOPs budgets, fractions of "
                   "the unpruned MACs.")
 flags.DEFINE_float("safeguard", 0.1, "Every group keeps at least this "
                    "fraction of its channels.")
+flags.DEFINE_integer("round_to", 1, "Keep every group's width a multiple "
+                     "of this (groups whose size is one); 8 or 16 run faster "
+                     "on vector hardware (see ranking.masks_for_budget).")
 flags.DEFINE_integer("epochs", 40, "Fine-tuning epochs per budget (0: no "
                      "fine-tuning, evaluate right after pruning).")
 flags.DEFINE_float("lr", 0.01, "Fine-tuning learning rate (LeGR: 0.01, "
@@ -92,9 +95,11 @@ def main(argv):
   members, rows = [], []
   for b in budgets:
     masks, _ = ranking.masks_for_budget(spec, scores, flops=b,
-                                        safeguard=FLAGS.safeguard)
+                                        safeguard=FLAGS.safeguard,
+                                        round_to=FLAGS.round_to)
     small, small_vars = surgery.slice_network(net, variables, masks)
-    name = f"flops_{b:g}"
+    name = f"flops_{b:g}" + (f"_round{FLAGS.round_to}"
+                             if FLAGS.round_to > 1 else "")
     before_loss, before_acc = train.evaluate(small, small_vars, ds.val,
                                              mean=ds.mean, std=ds.std)
     ft_config = base_config.replace(
@@ -134,6 +139,7 @@ def main(argv):
                       overwrite=True)
   summary = {"checkpoint": os.path.abspath(FLAGS.checkpoint),
              "ranking": FLAGS.ranking, "safeguard": FLAGS.safeguard,
+             "round_to": FLAGS.round_to,
              "unpruned_flops": full_flops, "members": rows}
   with open(os.path.join(FLAGS.workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)

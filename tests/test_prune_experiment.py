@@ -51,3 +51,24 @@ def test_missing_ranking_is_a_clear_error(baseline, tmp_path):
            f"--workdir={tmp_path}", f"--ranking={tmp_path}/nope")
   assert r.returncode != 0
   assert "learn_ranking" in r.stderr
+
+
+def test_round_to_gives_aligned_widths(baseline, tmp_path):
+  from legr_jax import models  # pylint: disable=g-import-not-at-top
+  wd = str(tmp_path / "aligned")
+  r = _run("experiments.prune", f"--checkpoint={baseline}", f"--workdir={wd}",
+           "--budgets=0.5", "--epochs=0", "--round_to=8")
+  assert r.returncode == 0, r.stderr[-2000:]
+  summary = json.load(open(os.path.join(wd, "summary.json")))
+  assert summary["round_to"] == 8
+  assert summary["members"][0]["flops_fraction"] <= 0.5
+  base = models.from_config(json.load(open(os.path.join(baseline,
+                                                        "net.json"))))
+  sizes = {g.name: g.size for g in base.spec.groups}
+  from legr_jax import pareto  # pylint: disable=g-import-not-at-top
+  (small, _, _), = pareto.load(os.path.join(wd, "pareto"))
+  widths = {g.name: g.size for g in small.spec.groups}
+  assert any(widths[g] < sizes[g] for g in sizes)   # something was pruned
+  for g, w in widths.items():
+    if sizes[g] % 8 == 0:
+      assert w % 8 == 0, (g, w)
