@@ -115,9 +115,18 @@ def main(argv):
     import jax  # pylint: disable=g-import-not-at-top
     # CPU processes exchange losses through gloo (XLA:CPU's collectives).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=COORDINATOR.value,
-                               num_processes=NUM_PROCESSES.value,
-                               process_id=PROCESS_ID.value)
+    try:
+      jax.distributed.initialize(coordinator_address=COORDINATOR.value,
+                                 num_processes=NUM_PROCESSES.value,
+                                 process_id=PROCESS_ID.value)
+    except (ValueError, RuntimeError) as e:
+      print(f"error: jax.distributed.initialize failed: {str(e).rstrip('.')}. "
+            "JAX finds its "
+            "peers by itself only on TPU pods and cluster managers such as "
+            "SLURM; elsewhere pass --coordinator_address=HOST:PORT (process "
+            "0's), --num_processes and --process_id on every host.",
+            file=sys.stderr)
+      return 2
   from legr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from legr_jax import search, train  # pylint: disable=g-import-not-at-top
 

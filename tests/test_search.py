@@ -590,3 +590,14 @@ def test_learned_ranking_beats_the_identity_ranking(baseline, tmp_path):
       cfg.fitness_config())
   assert direct == pytest.approx(r.loss, rel=1e-4)
   assert float(cost.flops(net.spec, masks)) <= 0.3 * cost.unpruned(net.spec)
+
+
+def test_distributed_without_peers_is_a_clear_error(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.learn_ranking", "--distributed",
+       f"--workdir={tmp_path / 'wd'}", f"--checkpoint={tmp_path / 'ck'}"],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120,
+      check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "--coordinator_address=HOST:PORT" in proc.stderr
+  assert not (tmp_path / "wd").exists()
