@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from legr_jax import cost, models, ranking, surgery  # noqa: E402
+from legr_jax import compile_options, cost, models, ranking, surgery  # noqa: E402
 from legr_jax.models import conv_packing  # noqa: E402
 
 
@@ -66,9 +66,10 @@ def main():
   net = models.get("resnet56")
   variables = net.init(jax.random.key(0))
   print(f"device: {jax.devices()[0].device_kind}, batch {args.batch}")
-  fast = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
-  presets = {"default": None, "fast_compile": fast,
-             "fast_compile+no_ynn": {**fast, **conv_packing.NO_YNN_CONVS}}
+  presets = {"default": None,
+             "fast_compile": {"xla_cpu_opt_preset":
+                              "CPU_OPT_PRESET_FAST_COMPILE"},
+             "fast_compile+no_ynn": compile_options.CPU}  # what we compile with
   for round_to in args.round_to:
     masks = l2_masks_for_half_flops(net, variables, round_to)
     small, small_vars = surgery.slice_network(net, variables, masks)

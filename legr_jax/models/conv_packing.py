@@ -13,14 +13,15 @@ columns wider (zeros where a pixel does not see a tap). Its output
 unpacking is a free reshape (strided convs likewise, with a stride ``s * P``
 and a kernel ``s * (P - 1)`` columns wider). The result equals the ordinary
 convolution up to float summation order; it costs ``(s * (P - 1) + kw) /
-kw`` times the MACs but fills the vectors. Measured (256 images, 32x32, AVX-512): 16->4 16.4 -> 6.2 ms,
-16->8 15.0 -> 10.3 ms, 8->4 15.4 -> 3.4 ms, 4->4 9.0 -> 3.3 ms.
+kw`` times the MACs but fills the vectors. Measured (256 images, 32x32,
+AVX-512): 16->4 16.4 -> 6.2 ms, 16->8 15.0 -> 10.3 ms, 8->4 15.4 -> 3.4 ms,
+4->4 9.0 -> 3.3 ms.
 
 Only the compute layout changes: parameters, outputs and gradients are those
 of the ordinary convolution. `blocks.ConvBN` packs in inference (``train=
 False``) only: differentiating the packed form ran slower (one SGD step of a
-47%-FLOPs sliced ResNet-56, batch 128: 1.12-1.22 s packed vs 1.06 s plain). FLOPs accounting (`legr_jax.cost`) counts the
-logical convolution.
+47%-FLOPs sliced ResNet-56, batch 128: 1.12-1.22 s packed vs 1.06 s plain).
+FLOPs accounting (`legr_jax.cost`) counts the logical convolution.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ class BlockwiseExecutor:
   def __init__(self, compiler_options: dict | None = None,
                conv_lanes: int | None = None):
     """``compiler_options``: XLA options for every block's compilation (e.g.
-    `fitness.CPU_COMPILER_OPTIONS`); ``conv_lanes``: output packing of
+    `compile_options.CPU`); ``conv_lanes``: output packing of
     narrow convs (default `conv_packing.default_lanes()`)."""
     self._fns: dict = {}
     self._lock = threading.Lock()

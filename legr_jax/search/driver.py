@@ -297,9 +297,10 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
     evlog.truncate(count)
   multihost.sync("legr_search_log_ready")
   # Losses already known (a resumed search): the memo starts where it was.
+  logged = evlog.read()
   evaluator.cache.update(
       (r["mask_digest"], float("inf") if r["loss"] is None else r["loss"])
-      for r in evlog.read() if r.get("feasible") and "mask_digest" in r)
+      for r in logged if r.get("feasible") and "mask_digest" in r)
   log(f"search: {net!r}, {len(layer_names)} layers; target FLOPs "
       f"{config.flops}, safeguard {config.safeguard}, tau_hat "
       f"{config.tau_hat}; {len(data.val_labels) * data.val_labels.shape[1]} "
@@ -308,7 +309,7 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
       f"{len(evaluator.devices)} device(s) on {jax.process_count()} "
       f"process(es), {evaluator.workers} worker(s)")
 
-  best_loss = min([r["loss"] for r in evlog.read() if r["loss"] is not None],
+  best_loss = min([r["loss"] for r in logged if r["loss"] is not None],
                   default=float("inf"))
   bar = Progress(config.evaluations, initial=count, desc="search",
                  stream=None if progress else open(os.devnull, "w"))

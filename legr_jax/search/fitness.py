@@ -38,7 +38,7 @@ with bucket 4 1.36, K=1 bucket 4 1.41, K=4 exact widths 1.63; masked K=4
 Both backends memoize losses by a digest of the candidate's masks (the loss
 is a pure function of the masks): in a search, most children prune exactly
 like an earlier candidate and cost nothing. On CPU the compiled functions use
-XLA's FAST_COMPILE preset, which also runs faster (`CPU_COMPILER_OPTIONS`).
+`compile_options.CPU` (FAST_COMPILE preset, convs kept off YNNPACK).
 
 Beyond one host: after `jax.distributed.initialize()`, ``jax.devices()``
 spans every host; the 'masked' backend's mesh is built over all of them, every
@@ -55,6 +55,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import os
 import threading
 
@@ -77,9 +78,6 @@ from legr_jax.train import step as step_lib
 
 BACKENDS = ("auto", "masked", "sliced")
 CANDIDATE_AXIS = "candidates"
-
-# The XLA:CPU options of every compiled evaluation (see `compile_options`).
-CPU_COMPILER_OPTIONS = compile_options.CPU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +225,6 @@ def masked_loss(net, config: FitnessConfig, variables, data: dict, masks):
 
 def mask_digest(spec, masks: dict) -> str:
   """Short content hash of one candidate's 0/1 group masks."""
-  import hashlib  # pylint: disable=g-import-not-at-top
   h = hashlib.sha1()
   for g in spec.groups:
     h.update(np.packbits(np.asarray(masks[g.name]) > 0).tobytes())
@@ -267,8 +264,8 @@ class Evaluator:
     workers: 'sliced': candidates evaluated concurrently (default: the device
       count, or the CPU core count on a single CPU device).
     compiler_options: XLA options of the compiled evaluation functions;
-      default `CPU_COMPILER_OPTIONS` on CPU devices, none elsewhere ({} for
-      XLA's defaults).
+      default `compile_options.for_devices` (CPU options on CPUs, none
+      elsewhere); {} for XLA's defaults.
     memo: memoize losses by mask digest (see `evaluate`); ``cache`` (digest
       -> loss) may be pre-filled, e.g. from a resumed search's log.
   """
@@ -289,8 +286,7 @@ class Evaluator:
         workers = os.cpu_count() or 1
     self.workers = max(1, int(workers))
     if compiler_options is None:
-      compiler_options = (CPU_COMPILER_OPTIONS if all(
-          d.platform == "cpu" for d in self.devices) else {})
+      compiler_options = compile_options.for_devices(self.devices) or {}
     self.compiler_options = dict(compiler_options) or None
     self.variables = jax.tree.map(np.asarray, jax.device_get(
         {"params": variables["params"],
@@ -517,5 +513,6 @@ def layer_norm_std(net, variables) -> np.ndarray:
 
 
 __all__ = ["BACKENDS", "Evaluator", "FitnessConfig", "FitnessData",
-           "bucket_masks", "mask_digest", "candidate_masks", "default_backend", "finetune",
-           "layer_norm_std", "masked_loss", "prepare_data", "validation_loss"]
+           "bucket_masks", "candidate_masks", "default_backend", "finetune",
+           "layer_norm_std", "mask_digest", "masked_loss", "prepare_data",
+           "validation_loss"]
