@@ -98,26 +98,63 @@ def _conv_strides(fn, *args):
           for line in text.split("conv_general_dilated")[1:]]
 
 
-def test_network_gradients_are_the_same_packed_or_not_and_training_is_plain():
+def test_network_gradients_are_the_same_packed_or_not():
   net = build("resnet20")
   variables = perturbed_variables(net, 3)
   masks = random_masks(net.spec, 7, keep_prob=0.3)
   small, small_vars = surgery.slice_network(net, variables, masks)
   x = jax.random.normal(jax.random.key(1), (4,) + net.input_shape)
 
-  def loss(v):
-    return jnp.mean(small.apply(v, x) ** 2)
-  small.conv_lanes = 16
-  packed_strides = _conv_strides(loss, small_vars)
-  g16 = jax.jit(jax.grad(loss))(small_vars)
-  small.conv_lanes = 0
-  g0 = jax.jit(jax.grad(loss))(small_vars)
-  assert any(s.endswith(("2", "4", "8")) and not s.startswith("(2, 2")
-             for s in packed_strides), packed_strides
-  for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g0)):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
-  # train mode runs XLA's ordinary convs (packed gradients ran slower)
-  small.conv_lanes = 16
-  train_strides = _conv_strides(
-      lambda v: small.apply(v, x, train=True)[0], small_vars)
-  assert all(s in ("(1, 1", "(2, 2") for s in train_strides), train_strides
+  def loss(v, train):
+    out = small.apply(v, x, train=train)
+    return jnp.mean((out[0] if train else out) ** 2)
+  for train in (False, True):
+    small.conv_lanes = 16
+    packed_strides = _conv_strides(jax.grad(lambda v: loss(v, train)),
+                                   small_vars)
+    g16 = jax.jit(jax.grad(loss), static_argnums=1)(small_vars, train)
+    small.conv_lanes = 0
+    plain_strides = _conv_strides(jax.grad(lambda v: loss(v, train)),
+                                  small_vars)
+    g0 = jax.jit(jax.grad(loss), static_argnums=1)(small_vars, train)
+    assert any(s.endswith(("2", "4", "8")) and not s.startswith("(2, 2")
+               for s in packed_strides), packed_strides
+    assert all(s in ("(1, 1", "(2, 2") for s in plain_strides), plain_strides
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g0)):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("cin,cout,hw,k,stride,pad,lanes", [
+    (16, 4, 32, 3, 1, 1, 16), (4, 16, 32, 3, 1, 1, 32),
+    (16, 16, 16, 3, 1, 1, 32), (16, 2, 32, 5, 1, 2, 16),
+    (8, 3, 14, 3, 2, 1, 16), (16, 4, 16, 3, 1, 0, 16),
+    (6, 5, 9, 3, 1, 1, 16), (8, 4, 8, 1, 1, 0, 16)])
+def test_training_conv_packs_forward_and_input_gradient(cin, cout, hw, k,
+                                                        stride, pad, lanes):
+  """`train_conv_fn`: same values and gradients as XLA's convolution; the
+  forward conv and (stride 1) the input-gradient conv are packed."""
+  rng = np.random.default_rng(cin * 100 + cout + k)
+  x = jnp.asarray(rng.normal(size=(3, hw, hw + 2, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
+  args = ((stride, stride), ((pad, pad), (pad, pad)))
+  ref = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+      x, w, *args, dimension_numbers=DN)
+  conv = conv_packing.train_conv_fn(lanes)
+  train = lambda x, w: conv(x, w, *args, dimension_numbers=DN)  # noqa: E731
+  np.testing.assert_allclose(train(x, w), ref(x, w), rtol=1e-5, atol=1e-4)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+  gx, gw = jax.grad(loss(train), argnums=(0, 1))(x, w)
+  rx, rw = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(gx, rx, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(gw, rw, rtol=1e-4, atol=1e-3)
+  # which convs the gradient program runs: packed ones have a W stride P > s
+  w_out = (hw + 2 + 2 * pad - k) // stride + 1
+  fwd_p = conv_packing.packing_factor(cin, cout, w_out, k, lanes)
+  dx_p = (conv_packing.packing_factor(cout, cin, hw + 2, k, lanes)
+          if stride == 1 else 1)
+  strides = _conv_strides(jax.grad(loss(train), argnums=(0, 1)), x, w)
+  hw_strides = [tuple(int(v) for v in s.strip("(").split(", "))
+                for s in strides]
+  packed = sorted(sw // sh for sh, sw in hw_strides if sw != sh)
+  assert packed == sorted(p for p in (fwd_p, dx_p) if p > 1), strides
+  assert fwd_p > 1 or dx_p > 1 or k == 1 or w_out % 2 == 1

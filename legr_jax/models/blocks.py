@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from legr_jax.models import conv_packing
+from legr_jax.models import batchnorm, conv_packing
 
 INPUT_NODE = "<input>"
 
@@ -205,13 +205,14 @@ class ConvBN(nn.Module):
                 use_bias=False, feature_group_count=groups, dtype=self.dtype,
                 kernel_init=nn.initializers.variance_scaling(
                     2.0, "fan_out", "normal"),
-                # Inference only: packed convs' gradients ran slower
-                # (sliced ResNet-56 SGD step 1.12-1.22 s vs 1.06 s plain).
-                conv_general_dilated=conv_packing.conv_fn(
-                    0 if train else ctx.conv_lanes),
+                # Training packs the forward and input-gradient convs
+                # only; XLA computes the kernel gradient (conv_packing).
+                conv_general_dilated=(
+                    conv_packing.train_conv_fn(ctx.conv_lanes) if train
+                    else conv_packing.conv_fn(ctx.conv_lanes)),
                 name="conv")(x)
-    y = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-5, dtype=self.dtype, name="bn")(y)
+    y = batchnorm.BatchNorm(use_running_average=not train, momentum=0.9,
+                            epsilon=1e-5, dtype=self.dtype, name="bn")(y)
     m = ctx.mask(site)
     if m is not None:
       y = y * m.astype(y.dtype)

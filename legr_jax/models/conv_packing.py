@@ -18,10 +18,17 @@ AVX-512): 16->4 16.4 -> 6.2 ms, 16->8 15.0 -> 10.3 ms, 8->4 15.4 -> 3.4 ms,
 4->4 9.0 -> 3.3 ms.
 
 Only the compute layout changes: parameters, outputs and gradients are those
-of the ordinary convolution. `blocks.ConvBN` packs in inference (``train=
-False``) only: differentiating the packed form ran slower (one SGD step of a
-47%-FLOPs sliced ResNet-56, batch 128: 1.12-1.22 s packed vs 1.06 s plain).
-FLOPs accounting (`legr_jax.cost`) counts the logical convolution.
+of the ordinary convolution. FLOPs accounting (`legr_jax.cost`) counts the
+logical convolution.
+
+Training (`train_conv_fn`, used by `blocks.ConvBN` with ``train=True``) has
+its own VJP: the forward conv and, for stride 1, the input gradient (itself
+a stride-1 conv of the output gradient with the flipped kernel) are packed;
+the kernel gradient is XLA's own. Differentiating the packed forward instead
+ran slower (its kernel gradient has the extra zero taps): one SGD step of a
+47%-FLOPs sliced ResNet-56, batch 128, 1.12-1.22 s vs 1.06 s plain; packing
+the kernel gradient by hand was no faster either (16->16 at 32x32: 15.7 ms
+with P = 2 vs 11.1 ms plain).
 """
 
 from __future__ import annotations
@@ -162,3 +169,73 @@ def _cpu_has_avx512() -> bool:
                  for line in f)
   except OSError:
     return False
+
+
+# --- training: packed forward and input gradient, XLA's kernel gradient ------
+
+
+def _dgrad_padding(kernel_shape, padding):
+  kh, kw = kernel_shape[:2]
+  (pt, pb), (pl, pr) = padding
+  return ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_train(lhs, rhs, window_strides, padding, lanes):
+  return conv_general_dilated(lhs, rhs, window_strides, padding,
+                              dimension_numbers=_NHWC, lanes=lanes)
+
+
+def _conv_train_fwd(lhs, rhs, window_strides, padding, lanes):
+  return _conv_train(lhs, rhs, window_strides, padding, lanes), (lhs, rhs)
+
+
+def _conv_train_bwd(window_strides, padding, lanes, res, g):
+  lhs, rhs = res
+
+  def plain(l, r):
+    return lax.conv_general_dilated(l, r, window_strides, padding,
+                                    dimension_numbers=_NHWC)
+
+  if tuple(window_strides) != (1, 1) or min(min(p) for p in _dgrad_padding(
+      rhs.shape, padding)) < 0:
+    return jax.vjp(plain, lhs, rhs)[1](g)
+  _, kernel_vjp = jax.vjp(lambda r: plain(lhs, r), rhs)
+  # The input gradient of a stride-1 conv is a stride-1 conv of g with the
+  # spatially flipped, in/out-swapped kernel: pack it like a forward conv.
+  flipped = jnp.flip(rhs, (0, 1)).transpose(0, 1, 3, 2)
+  dx = conv_general_dilated(g, flipped, (1, 1),
+                            _dgrad_padding(rhs.shape, padding),
+                            dimension_numbers=_NHWC, lanes=lanes)
+  return dx, kernel_vjp(g)[0]
+
+
+_conv_train.defvjp(_conv_train_fwd, _conv_train_bwd)
+
+
+def conv_general_dilated_train(lhs, rhs, window_strides, padding,
+                               lhs_dilation=None, rhs_dilation=None,
+                               dimension_numbers=None, feature_group_count=1,
+                               precision=None, *, lanes: int, **kwargs):
+  """Like `conv_general_dilated`, differentiable with a packed input
+  gradient (stride 1) and XLA's own kernel gradient."""
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  if (lhs.ndim != 4 or dn != lax.conv_dimension_numbers(
+      lhs.shape, rhs.shape, _NHWC) or feature_group_count != 1
+      or isinstance(padding, str) or precision is not None or kwargs
+      or any(d not in (None, 1) for d in (lhs_dilation or ()))
+      or any(d not in (None, 1) for d in (rhs_dilation or ()))):
+    return _plain(lhs, rhs, window_strides, padding, lhs_dilation,
+                  rhs_dilation, dimension_numbers, feature_group_count,
+                  precision, **kwargs)
+  return _conv_train(lhs, rhs, tuple(window_strides),
+                     tuple(tuple(p) for p in padding), lanes)
+
+
+@functools.lru_cache(maxsize=None)
+def train_conv_fn(lanes: int):
+  """`conv_fn` for training: packed forward and input gradient (None when
+  ``lanes`` is 0)."""
+  if lanes <= 0:
+    return None
+  return functools.partial(conv_general_dilated_train, lanes=lanes)

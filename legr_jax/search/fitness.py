@@ -452,6 +452,9 @@ class Evaluator:
     # from Python (a lax.scan over the steps runs ~25x slower on XLA:CPU:
     # 27 s vs 1.1 s per step measured), then the block-wise evaluation.
     small, small_vars = surgery.slice_network(net, self.variables, masks_np)
+    # packed forward and input-gradient convs, as wide as these options
+    # make pay (conv_packing.lanes_for)
+    small.conv_lanes = self._executor.conv_lanes
     opt = make_optimizer(cfg)
     state = jax.device_put(step_lib.init_train_state(small, 0, opt,
                                                      small_vars), device)
