@@ -5,6 +5,7 @@ original PyTorch implementation's measurement on this 2-core CPU).
   python benchmarks/bench_search.py                      # tau_hat = 0 and 200
   python benchmarks/bench_search.py --tau_hat=0 --configs=sliced:1:1,sliced:2:2
   python benchmarks/bench_search.py --checkpoint=WORKDIR  # a trained baseline
+  python benchmarks/bench_search.py --sgd_steps=20       # one SGD step's time
 
 Candidates are LeGR's own: the initial population of the search (identity,
 then alpha = exp(N(0,1)), kappa ~ N(0, std of the layer's norms)) drawn by
@@ -87,6 +88,44 @@ def run_config(net, variables, fdata, fcfg, spec: str, alpha, kappa,
           "losses": losses[:4]}
 
 
+def time_sgd_steps(net, variables, fdata, fcfg, alpha, kappa, steps: int,
+                   lanes: int) -> dict:
+  """Seconds per SGD step (the unit of tau_hat > 0) of one candidate's
+  sliced network, compiled as the evaluator compiles it, with output
+  packing to ``lanes`` (0: XLA's ordinary convs)."""
+  from legr_jax import compile_options, surgery  # pylint: disable=g-import-not-at-top
+  from legr_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  ev = fitness.Evaluator(net, variables, fdata, fcfg, backend="sliced")
+  masks, _, frac = ev.masks(alpha[None], kappa[None])
+  small, small_vars = surgery.slice_network(
+      net, ev.variables, {g: m[0] for g, m in masks.items()})
+  small.conv_lanes = lanes
+  opt = fitness.make_optimizer(fcfg)
+  state = step_lib.init_train_state(small, 0, opt, small_vars)
+
+  def sgd(state, x, y):
+    x = (x.astype(np.float32) - fdata.mean) * fdata.inv_std
+    return step_lib.train_step(small, opt, state, {"image": x, "label": y},
+                               None)[0]
+  step = jax.jit(sgd, compiler_options=compile_options.for_devices(
+      jax.devices()[:1]), donate_argnums=0)
+  x, y = fdata.train_images[0], fdata.train_labels[0]
+  t = time.perf_counter()
+  state = jax.block_until_ready(step(state, x, y))
+  compile_s = time.perf_counter() - t
+  times = []
+  for i in range(steps):
+    j = i % len(fdata.train_images)
+    x, y = fdata.train_images[j], fdata.train_labels[j]
+    t = time.perf_counter()
+    state = jax.block_until_ready(step(state, x, y))
+    times.append(time.perf_counter() - t)
+  return {"lanes": lanes, "flops": float(frac[0]),
+          "widths": sorted({int(m[0].sum()) for m in masks.values()}),
+          "compile_s": compile_s, "median_s": float(np.median(times)),
+          "min_s": float(np.min(times))}
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--checkpoint", default=None)
@@ -104,6 +143,10 @@ def main():
                  help="also run a real search (P=64, S=16, K=2, sliced) of "
                  "this many evaluations and report its seconds per "
                  "candidate, memoized repeats included")
+  p.add_argument("--sgd_steps", type=int, default=0,
+                 help="only time this many SGD steps (batch --batch) of the "
+                 "first non-identity candidate's sliced network, packed and "
+                 "unpacked (PyTorch: 0.50 s per step on this CPU)")
   p.add_argument("--json_out", default=None)
   args = p.parse_args()
 
@@ -127,6 +170,24 @@ def main():
         f"{args.batch}, FLOPs target {args.flops}, safeguard "
         f"{args.safeguard}")
   results = []
+  if args.sgd_steps:
+    from legr_jax.models import conv_packing  # pylint: disable=g-import-not-at-top
+    from legr_jax import compile_options  # pylint: disable=g-import-not-at-top
+    fcfg = fitness.FitnessConfig(flops=args.flops, safeguard=args.safeguard,
+                                 tau_hat=8, batch_size=args.batch)
+    fdata = fitness.prepare_data(ds, fcfg)
+    alpha, kappa = _candidates(net, variables, 2)
+    lanes = conv_packing.lanes_for(compile_options.for_devices(
+        jax.devices()[:1]))
+    for ln in sorted({0, lanes}):
+      r = time_sgd_steps(net, variables, fdata, fcfg, alpha[1], kappa[1],
+                         args.sgd_steps, ln)
+      results.append(r)
+      print(f"SGD step, candidate 1 ({100 * r['flops']:.1f}% FLOPs, widths "
+            f"{r['widths']}), conv_lanes {ln}: median {r['median_s']:.3f} s"
+            f" (min {r['min_s']:.3f}) over {args.sgd_steps} steps, compile "
+            f"{r['compile_s']:.1f} s; PyTorch 0.50 s", flush=True)
+    args.tau_hat = []
   for tau in args.tau_hat:
     if args.configs:
       configs = args.configs.split(",")
