@@ -26,6 +26,7 @@ the median seconds per candidate of the steady state, as the reference's
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -37,8 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from legr_jax import data, models, train  # noqa: E402
+from legr_jax import compile_options, data, models, surgery, train  # noqa: E402
+from legr_jax.models import conv_packing  # noqa: E402
 from legr_jax.search import evolution, fitness  # noqa: E402
+from legr_jax.train import step as step_lib  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                       "shared", "data", "cifar10_train_subset.npz")
@@ -91,10 +94,8 @@ def run_config(net, variables, fdata, fcfg, spec: str, alpha, kappa,
 def time_sgd_steps(net, variables, fdata, fcfg, alpha, kappa, steps: int,
                    lanes: int) -> dict:
   """Seconds per SGD step (the unit of tau_hat > 0) of one candidate's
-  sliced network, compiled as the evaluator compiles it, with output
-  packing to ``lanes`` (0: XLA's ordinary convs)."""
-  from legr_jax import compile_options, surgery  # pylint: disable=g-import-not-at-top
-  from legr_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  sliced network: `fitness.sgd_step` compiled with the evaluator's options,
+  with output packing to ``lanes`` (0: XLA's ordinary convs)."""
   ev = fitness.Evaluator(net, variables, fdata, fcfg, backend="sliced")
   masks, _, frac = ev.masks(alpha[None], kappa[None])
   small, small_vars = surgery.slice_network(
@@ -102,28 +103,21 @@ def time_sgd_steps(net, variables, fdata, fcfg, alpha, kappa, steps: int,
   small.conv_lanes = lanes
   opt = fitness.make_optimizer(fcfg)
   state = step_lib.init_train_state(small, 0, opt, small_vars)
-
-  def sgd(state, x, y):
-    x = (x.astype(np.float32) - fdata.mean) * fdata.inv_std
-    return step_lib.train_step(small, opt, state, {"image": x, "label": y},
-                               None)[0]
-  step = jax.jit(sgd, compiler_options=compile_options.for_devices(
-      jax.devices()[:1]), donate_argnums=0)
-  x, y = fdata.train_images[0], fdata.train_labels[0]
-  t = time.perf_counter()
-  state = jax.block_until_ready(step(state, x, y))
-  compile_s = time.perf_counter() - t
+  step = jax.jit(functools.partial(fitness.sgd_step, small, opt),
+                 compiler_options=ev.compiler_options, donate_argnums=0)
   times = []
-  for i in range(steps):
+  for i in range(steps + 1):   # the first call compiles
     j = i % len(fdata.train_images)
-    x, y = fdata.train_images[j], fdata.train_labels[j]
     t = time.perf_counter()
-    state = jax.block_until_ready(step(state, x, y))
+    state = jax.block_until_ready(step(
+        state, fdata.train_images[j], fdata.train_labels[j], fdata.mean,
+        fdata.inv_std))
     times.append(time.perf_counter() - t)
+  ev.close()
   return {"lanes": lanes, "flops": float(frac[0]),
           "widths": sorted({int(m[0].sum()) for m in masks.values()}),
-          "compile_s": compile_s, "median_s": float(np.median(times)),
-          "min_s": float(np.min(times))}
+          "compile_s": times[0], "median_s": float(np.median(times[1:])),
+          "min_s": float(np.min(times[1:]))}
 
 
 def main():
@@ -171,14 +165,11 @@ def main():
         f"{args.safeguard}")
   results = []
   if args.sgd_steps:
-    from legr_jax.models import conv_packing  # pylint: disable=g-import-not-at-top
-    from legr_jax import compile_options  # pylint: disable=g-import-not-at-top
     fcfg = fitness.FitnessConfig(flops=args.flops, safeguard=args.safeguard,
                                  tau_hat=8, batch_size=args.batch)
     fdata = fitness.prepare_data(ds, fcfg)
     alpha, kappa = _candidates(net, variables, 2)
-    lanes = conv_packing.lanes_for(compile_options.for_devices(
-        jax.devices()[:1]))
+    lanes = conv_packing.lanes_for(compile_options.for_devices(jax.devices()))
     for ln in sorted({0, lanes}):
       r = time_sgd_steps(net, variables, fdata, fcfg, alpha[1], kappa[1],
                          args.sgd_steps, ln)

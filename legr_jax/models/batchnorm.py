@@ -64,10 +64,6 @@ def _forward(x, scale, bias, eps):
   return (y.astype(out_dtype), mean, var), (x, mean, var, inv, scale, bias)
 
 
-def _fwd(x, scale, bias, eps):
-  return _forward(x, scale, bias, eps)
-
-
 def _bwd(eps, res, cts):
   del eps
   x, mean, var, inv, scale, bias = res
@@ -87,7 +83,7 @@ def _bwd(eps, res, cts):
           g_bias.astype(bias.dtype))
 
 
-batch_norm_train.defvjp(_fwd, _bwd)
+batch_norm_train.defvjp(_forward, _bwd)
 
 
 class BatchNorm(nn.Module):

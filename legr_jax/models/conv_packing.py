@@ -83,6 +83,19 @@ def _plain(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
       feature_group_count=feature_group_count, precision=precision, **kwargs)
 
 
+def _packable_layout(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                     dimension_numbers, feature_group_count) -> bool:
+  """2-D NHWC/HWIO, no dilation, no feature groups, explicit padding."""
+  if lhs.ndim != 4 or feature_group_count != 1 or isinstance(padding, str):
+    return False
+  if any(d not in (None, 1) for d in (lhs_dilation or ()) + (
+      rhs_dilation or ())):
+    return False
+  return lax.conv_dimension_numbers(
+      lhs.shape, rhs.shape, dimension_numbers) == lax.conv_dimension_numbers(
+          lhs.shape, rhs.shape, _NHWC)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding,
                          lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1,
@@ -92,12 +105,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
   is passed through unchanged."""
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
           dimension_numbers, feature_group_count, precision)
-  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  if (lhs.ndim != 4 or dn != lax.conv_dimension_numbers(
-      lhs.shape, rhs.shape, _NHWC) or feature_group_count != 1
-      or isinstance(padding, str)
-      or any(d not in (None, 1) for d in (lhs_dilation or ()))
-      or any(d not in (None, 1) for d in (rhs_dilation or ()))
+  if (not _packable_layout(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                           dimension_numbers, feature_group_count)
       or kwargs.get("batch_group_count", 1) != 1):
     return _plain(*args, **kwargs)
   n, _, w, _ = lhs.shape
@@ -219,12 +228,9 @@ def conv_general_dilated_train(lhs, rhs, window_strides, padding,
                                precision=None, *, lanes: int, **kwargs):
   """Like `conv_general_dilated`, differentiable with a packed input
   gradient (stride 1) and XLA's own kernel gradient."""
-  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  if (lhs.ndim != 4 or dn != lax.conv_dimension_numbers(
-      lhs.shape, rhs.shape, _NHWC) or feature_group_count != 1
-      or isinstance(padding, str) or precision is not None or kwargs
-      or any(d not in (None, 1) for d in (lhs_dilation or ()))
-      or any(d not in (None, 1) for d in (rhs_dilation or ()))):
+  if (not _packable_layout(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                           dimension_numbers, feature_group_count)
+      or precision is not None or kwargs):
     return _plain(lhs, rhs, window_strides, padding, lhs_dilation,
                   rhs_dilation, dimension_numbers, feature_group_count,
                   precision, **kwargs)

@@ -461,7 +461,7 @@ class Evaluator:
     opt = make_optimizer(cfg)
     state = jax.device_put(step_lib.init_train_state(small, 0, opt,
                                                      small_vars), device)
-    step = jax.jit(functools.partial(_sgd_step, small, opt),
+    step = jax.jit(functools.partial(sgd_step, small, opt),
                    compiler_options=self.compiler_options, donate_argnums=0)
     mean, inv_std = dd["stats"]
     for x, y in dd["train_steps"]:
@@ -504,7 +504,10 @@ def _loss_sum(logits, labels, valid):
   return jnp.sum(step_lib.cross_entropy(logits, labels) * valid)
 
 
-def _sgd_step(net, optimizer, state, x, y, mean, inv_std):
+def sgd_step(net, optimizer, state, x, y, mean, inv_std):
+  """One SGD step of `finetune` on uint8 images ``x`` [B, H, W, C] (normalized
+  here with ``mean``, ``inv_std``) and labels ``y`` [B] -> new state; what
+  the 'sliced' backend compiles per candidate when tau_hat > 0."""
   state, _ = step_lib.train_step(
       net, optimizer, state, {"image": _normalize(x, mean, inv_std),
                               "label": y}, None)
@@ -521,4 +524,4 @@ def layer_norm_std(net, variables) -> np.ndarray:
 __all__ = ["BACKENDS", "Evaluator", "FitnessConfig", "FitnessData",
            "bucket_masks", "candidate_masks", "default_backend", "finetune",
            "layer_norm_std", "mask_digest", "masked_loss", "prepare_data",
-           "validation_loss"]
+           "sgd_step", "validation_loss"]
