@@ -6,6 +6,8 @@ original PyTorch implementation's measurement on this 2-core CPU).
   python benchmarks/bench_search.py --tau_hat=0 --configs=sliced:1:1,sliced:2:2
   python benchmarks/bench_search.py --checkpoint=WORKDIR  # a trained baseline
   python benchmarks/bench_search.py --sgd_steps=20       # one SGD step's time
+  python benchmarks/bench_search.py --tau_hat --search_evaluations=400 \
+      --search_tau_hat=200 --search_backend=masked --search_k=32  # a GPU run
 
 Candidates are LeGR's own: the initial population of the search (identity,
 then alpha = exp(N(0,1)), kappa ~ N(0, std of the layer's norms)) drawn by
@@ -46,6 +48,15 @@ from legr_jax.train import step as step_lib  # noqa: E402
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                       "shared", "data", "cifar10_train_subset.npz")
 PYTORCH = {0: 1.53, 200: 101.0}   # seconds per candidate, same CPU
+# ... measured with exactly this set-up (a ratio is printed only for it)
+REFERENCE_SETUP = {"val": 1000, "batch": 128, "flops": 0.47, "safeguard": 0.1}
+
+
+def _reference(args, tau: int) -> float | None:
+  """PyTorch's seconds per candidate, if ``args`` is its measured set-up."""
+  if any(getattr(args, k) != v for k, v in REFERENCE_SETUP.items()):
+    return None
+  return PYTORCH.get(tau)
 
 
 def _candidates(net, variables, n, seed=0):
@@ -137,6 +148,14 @@ def main():
                  help="also run a real search (P=64, S=16, K=2, sliced) of "
                  "this many evaluations and report its seconds per "
                  "candidate, memoized repeats included")
+  p.add_argument("--search_tau_hat", type=int, default=0,
+                 help="tau_hat of the --search_evaluations search")
+  p.add_argument("--search_backend", default="sliced",
+                 choices=fitness.BACKENDS,
+                 help="backend of the --search_evaluations search")
+  p.add_argument("--search_k", type=int, default=2,
+                 help="candidates per round (K) of the --search_evaluations "
+                 "search")
   p.add_argument("--sgd_steps", type=int, default=0,
                  help="only time this many SGD steps (batch --batch) of the "
                  "first non-identity candidate's sliced network, packed and "
@@ -207,9 +226,10 @@ def main():
       r = run_config(net, variables, fdata, fcfg, spec, alpha, kappa,
                      warmup, n)
       r["tau_hat"] = tau
-      r["pytorch_s_per_candidate"] = PYTORCH.get(tau)
-      if tau in PYTORCH:
-        r["ratio_vs_pytorch"] = PYTORCH[tau] / r["median_s_per_candidate"]
+      ref = _reference(args, tau)
+      r["pytorch_s_per_candidate"] = ref
+      if ref:
+        r["ratio_vs_pytorch"] = ref / r["median_s_per_candidate"]
       r["load_average"] = os.getloadavg()[0]
       results.append(r)
       ratio = (f", PyTorch/JAX ratio {r['ratio_vs_pytorch']:.2f}"
@@ -224,22 +244,32 @@ def main():
     from legr_jax import search  # pylint: disable=g-import-not-at-top
     cfg = search.SearchConfig(
         dataset=f"npz:{args.data}", val_size=args.val, flops=args.flops,
-        safeguard=args.safeguard, eval_batch_size=args.batch,
-        evaluations=max(64, args.search_evaluations), candidates_per_round=2,
+        safeguard=args.safeguard, tau_hat=args.search_tau_hat,
+        batch_size=args.batch, eval_batch_size=args.batch,
+        evaluations=max(64, args.search_evaluations),
+        candidates_per_round=args.search_k, backend=args.search_backend,
         checkpoint_every=64)
+    t0 = time.perf_counter()
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       r = search.search(cfg, tempfile.mkdtemp(prefix="bench_search_"),
                         net=net, variables=variables, dataset=ds,
                         progress=False, log=lambda s: None)
+    wall = time.perf_counter() - t0
     res = r.result
-    print(f"search of {cfg.evaluations} evaluations (tau_hat=0, K=2, "
-          f"sliced): {res['mean_seconds_per_candidate']:.3f} s/candidate "
-          f"on average ({res['evaluated']} evaluated, {res['memoized']} "
-          f"memoized repeats), median {res['median_seconds_per_candidate']:.3f}"
-          f"; PyTorch/JAX ratio "
-          f"{PYTORCH[0] / res['mean_seconds_per_candidate']:.2f}; best loss "
+    ref = _reference(args, cfg.tau_hat)
+    ratio = (f"; PyTorch/JAX ratio {ref / res['mean_seconds_per_candidate']:.2f}"
+             if ref else "")
+    print(f"search of {cfg.evaluations} evaluations (tau_hat="
+          f"{cfg.tau_hat}, K={cfg.candidates_per_round}, {cfg.backend}): "
+          f"wall {wall:.1f} s; {res['mean_seconds_per_candidate']:.3f} "
+          f"s/candidate on average ({res['evaluated']} evaluated, "
+          f"{res['memoized']} memoized repeats), median "
+          f"{res['median_seconds_per_candidate']:.3f}{ratio}; best loss "
           f"{r.loss:.4f} (identity {res['identity_loss']:.4f})", flush=True)
+    res = dict(res, wall_seconds=wall, tau_hat=cfg.tau_hat,
+               candidates_per_round=cfg.candidates_per_round,
+               backend=cfg.backend)
     results.append({"search": res})
   if args.json_out:
     with open(args.json_out, "w") as f:
