@@ -91,7 +91,13 @@ def run_config(net, variables, fdata, fcfg, spec: str, alpha, kappa,
   wall = time.perf_counter() - t0
   cpu = time.process_time() - c0
   ev.close()
-  return {"config": spec, "backend": backend, "K": k, "workers": workers,
+  phases = {}
+  if ev.phase_seconds:   # tau_hat > 0, sliced: where a candidate's time goes
+    last = ev.phase_seconds[-n:]
+    phases = {k: float(np.median([p[k] for p in last])) for k in last[0]}
+    phases["s_per_step"] = float(np.median(
+        [p["steps_s"] / max(1, p["steps"]) for p in last]))
+  return {"phases": phases,"config": spec, "backend": backend, "K": k, "workers": workers,
           "bucket": bucket, "warmup_candidates": warmup,
           "warmup_s_per_candidate": warm_s / max(1, warmup),
           "candidates": len(per) * k,
@@ -204,8 +210,8 @@ def main():
     elif tau == 0:
       configs = ["sliced:1:1", "sliced:2:2", "sliced:4:2", "sliced:2:2:4",
                  "masked:1:1", "masked:4:1"]
-    else:
-      configs = ["sliced:1:1", "sliced:2:2"]
+    else:   # bucket 4: the search's default (learn_ranking --bucket)
+      configs = ["sliced:1:1:4", "sliced:2:2:4"]
     fcfg = fitness.FitnessConfig(flops=args.flops, safeguard=args.safeguard,
                                  tau_hat=tau, batch_size=args.batch,
                                  eval_batch_size=args.batch)
@@ -239,6 +245,13 @@ def main():
             f"{r['mean_s_per_candidate']:.3f}), first {warmup} incl. "
             f"compile {r['warmup_s_per_candidate']:.2f} s/candidate, cpu/wall"
             f" {r['cpu_over_wall']:.2f}{ratio}", flush=True)
+      if r["phases"]:
+        ph = r["phases"]
+        print(f"  per candidate (median): slice + init {ph['slice_s']:.2f} s,"
+              f" first step incl. compile {ph['first_step_s']:.2f} s, "
+              f"{ph['steps']:.0f} more steps {ph['steps_s']:.1f} s "
+              f"({ph['s_per_step']:.3f} s/step; PyTorch 0.50), evaluation "
+              f"{ph['eval_s']:.2f} s", flush=True)
   if args.search_evaluations:
     import tempfile  # pylint: disable=g-import-not-at-top
     from legr_jax import search  # pylint: disable=g-import-not-at-top

@@ -84,8 +84,9 @@ K = flags.DEFINE_integer(
 BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "masked", "sliced"],
                             "Candidate evaluation backend (auto: sliced on "
                             "CPU, masked on GPU/TPU).")
-BUCKET = flags.DEFINE_integer("bucket", 4, "Sliced backend, tau_hat=0: round"
-                              " kept widths up to a multiple of this.")
+BUCKET = flags.DEFINE_integer("bucket", 4, "Sliced backend: the validation "
+                              "pass rounds kept widths up to a multiple of "
+                              "this (the tau_hat steps use exact widths).")
 WORKERS = flags.DEFINE_integer("workers", None, "Sliced backend: candidates "
                                "evaluated concurrently.")
 SEED = flags.DEFINE_integer("seed", 0, "Search seed.")

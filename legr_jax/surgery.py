@@ -91,6 +91,46 @@ def slice_arrays(spec, variables, keep: dict[str, np.ndarray]):
   return widths, index_maps, {"params": new_params, "batch_stats": new_stats}
 
 
+def embed_arrays(spec, variables, small_variables, keep: dict[str, np.ndarray]):
+  """The inverse of `slice_arrays` on the kept channels.
+
+  Returns a numpy copy of ``variables`` (the full network's ``{'params',
+  'batch_stats'}``) whose entries at the kept channels hold
+  ``small_variables`` (shaped like ``slice_arrays(spec, variables, keep)``'s,
+  e.g. after training the sliced network); entries of removed channels keep
+  the values of ``variables``. ``slice_arrays`` of the result with the same
+  ``keep`` gives back ``small_variables``.
+  """
+  full = jax.tree_util.tree_map(np.array, jax.device_get(
+      {"params": variables["params"],
+       "batch_stats": variables.get("batch_stats", {})}))
+  small = jax.device_get(small_variables)
+  params, stats = full["params"], full["batch_stats"]
+  sparams, sstats = small["params"], small.get("batch_stats", {})
+  for c in spec.convs:
+    out_idx = keep[c.out_group]
+    kernel = _get(params, c.name)["conv"]["kernel"]
+    small_kernel = np.asarray(_get(sparams, c.name)["conv"]["kernel"])
+    if not c.depthwise and c.in_group is not None:
+      kh, kw = kernel.shape[:2]
+      kernel[np.ix_(np.arange(kh), np.arange(kw), keep[c.in_group],
+                    out_idx)] = small_kernel
+    else:
+      kernel[..., out_idx] = small_kernel
+    for tree, stree in ((params, sparams), (stats, sstats)):
+      for k, v in _get(tree, c.name)["bn"].items():
+        v[out_idx] = np.asarray(_get(stree, c.name)["bn"][k])
+  d = spec.dense
+  dense = _get(params, d.name)["dense"]
+  sdense = _get(sparams, d.name)["dense"]
+  if d.in_group is not None:
+    dense["kernel"][keep[d.in_group], :] = np.asarray(sdense["kernel"])
+  else:
+    dense["kernel"][...] = np.asarray(sdense["kernel"])
+  dense["bias"][...] = np.asarray(sdense["bias"])
+  return full
+
+
 def slice_network(net: PrunableNet, variables, masks):
   """Removes masked channels physically.
 

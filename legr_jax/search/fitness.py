@@ -21,11 +21,13 @@ Two interchangeable backends compute the same losses (to float tolerance):
   'candidates'); K is padded to a multiple of the device count. Best on
   GPU/TPU, where the full-size compute is cheap and batching fills the chip.
 * ``'sliced'``: each candidate physically sliced (`surgery.slice_network`).
-  tau_hat = 0: widths rounded up to a multiple of ``bucket`` (the extra
-  channels are masked to zero) and run block by block with compiled blocks
-  shared across candidates (`BlockwiseExecutor`), so no per-candidate
-  compile. tau_hat > 0: exact widths, one compiled train-and-evaluate
-  function per candidate (compile amortised over tau_hat steps). Candidates
+  The validation pass: widths rounded up to a multiple of ``bucket`` (the
+  extra channels are masked to zero) and run block by block with compiled
+  blocks shared across candidates (`BlockwiseExecutor`), so no
+  per-candidate compile. tau_hat > 0: the SGD steps at exact widths, one
+  compiled step per candidate (compile amortised over tau_hat steps), then
+  the trained weights go back into a full-size copy
+  (`surgery.embed_arrays`) for that bucketed validation pass. Candidates
   run concurrently on a thread pool, one device each (round robin). Best on
   CPU (see benchmarks/bench_search.py for the measurements).
 
@@ -61,6 +63,7 @@ import functools
 import hashlib
 import os
 import threading
+import time
 
 import chex
 import jax
@@ -263,7 +266,8 @@ class Evaluator:
     backend: 'auto', 'masked' or 'sliced' (see the module doc).
     devices: devices to spread candidates over (default: ``jax.devices()``,
       all hosts' devices after `jax.distributed.initialize()`).
-    bucket: 'sliced', tau_hat = 0: width rounding (1: exact widths).
+    bucket: 'sliced': width rounding of the validation pass (1: exact
+      widths).
     workers: 'sliced': candidates evaluated concurrently (default: the device
       count, or the CPU core count on a single CPU device).
     compiler_options: XLA options of the compiled evaluation functions;
@@ -309,6 +313,10 @@ class Evaluator:
         conv_lanes=conv_packing.lanes_for(self.compiler_options))
     self._per_device: dict = {}
     self._lock = threading.Lock()
+    # 'sliced', tau_hat > 0: seconds per phase of each fresh candidate
+    # (dicts: slice_s, first_step_s (compile included), steps_s, steps,
+    # eval_s), in completion order
+    self.phase_seconds: list[dict] = []
     self._pool = None
     self._masked_fn = None
 
@@ -434,26 +442,14 @@ class Evaluator:
     net, cfg = self.net, self.config
     dd = self._device_data(device)
     if cfg.tau_hat == 0:
-      keep = bucket_masks(net.spec, masks_np, self.bucket)
-      widths, index_maps, small_vars = slicing.slice_candidate(
-          net.spec, self.variables, keep)
-      site_masks = None
-      if any(np.any(keep[g] != masks_np[g]) for g in keep):
-        site_masks = slicing.sliced_site_masks(net.spec, masks_np, keep)
-      small_vars, index_maps, site_masks = jax.device_put(
-          (small_vars, {k: np.asarray(v, np.int32)
-                        for k, v in index_maps.items()}, site_masks), device)
-      total = None
-      for x, y, valid in dd["val"]:
-        logits = self._executor.apply_module(
-            net.module, small_vars, x, widths=widths, index_maps=index_maps,
-            site_masks=site_masks)
-        s = _loss_sum(logits, y, valid)
-        total = s if total is None else total + s
-      return float(total) / float(self.data.val_valid.sum())
+      return self._blockwise_loss(masks_np, self.variables, dd, device)
     # tau_hat > 0: exact widths, one compiled SGD step per candidate, driven
     # from Python (a lax.scan over the steps runs ~25x slower on XLA:CPU:
-    # 27 s vs 1.1 s per step measured), then the block-wise evaluation.
+    # 27 s vs 1.1 s per step measured), then the trained weights are put
+    # back into a full-size copy and evaluated like a tau_hat = 0 candidate
+    # (bucketed widths: compiled blocks shared across candidates, instead
+    # of new ones for every candidate's exact widths).
+    t0 = time.perf_counter()
     small, small_vars = surgery.slice_network(net, self.variables, masks_np)
     # packed forward and input-gradient convs, as wide as these options
     # make pay (conv_packing.lanes_for)
@@ -464,11 +460,43 @@ class Evaluator:
     step = jax.jit(functools.partial(sgd_step, small, opt),
                    compiler_options=self.compiler_options, donate_argnums=0)
     mean, inv_std = dd["stats"]
-    for x, y in dd["train_steps"]:
+    t1 = time.perf_counter()
+    steps = dd["train_steps"]
+    state = jax.block_until_ready(step(state, *steps[0], mean, inv_std))
+    t2 = time.perf_counter()
+    for x, y in steps[1:]:
       state = step(state, x, y, mean, inv_std)
+    trained = surgery.embed_arrays(
+        net.spec, self.variables, jax.device_get(state.variables),
+        surgery.kept_channels(net.spec, masks_np))
+    t3 = time.perf_counter()
+    loss = self._blockwise_loss(masks_np, trained, dd, device)
+    with self._lock:
+      self.phase_seconds.append({
+          "slice_s": t1 - t0, "first_step_s": t2 - t1, "steps_s": t3 - t2,
+          "steps": len(steps) - 1, "eval_s": time.perf_counter() - t3})
+    return loss
+
+  def _blockwise_loss(self, masks_np: dict, variables: dict, dd: dict,
+                      device) -> float:
+    """Mean validation loss of the full-size ``variables`` pruned by 0/1
+    ``masks_np``: sliced to widths rounded up to ``self.bucket`` (the
+    filler channels masked to zero), run block by block."""
+    spec = self.net.spec
+    keep = bucket_masks(spec, masks_np, self.bucket)
+    widths, index_maps, small_vars = slicing.slice_candidate(
+        spec, variables, keep)
+    site_masks = None
+    if any(np.any(keep[g] != masks_np[g]) for g in keep):
+      site_masks = slicing.sliced_site_masks(spec, masks_np, keep)
+    small_vars, index_maps, site_masks = jax.device_put(
+        (small_vars, {k: np.asarray(v, np.int32)
+                      for k, v in index_maps.items()}, site_masks), device)
     total = None
     for x, y, valid in dd["val"]:
-      logits = self._executor.apply(small, state.variables, x)
+      logits = self._executor.apply_module(
+          self.net.module, small_vars, x, widths=widths,
+          index_maps=index_maps, site_masks=site_masks)
       s = _loss_sum(logits, y, valid)
       total = s if total is None else total + s
     return float(total) / float(self.data.val_valid.sum())
