@@ -23,5 +23,5 @@ __all__ = [
     "BACKENDS", "Evaluator", "EvolutionConfig", "EvolutionState",
     "FitnessConfig", "SearchConfig", "SearchConflictError", "SearchResult",
     "best", "init_state", "insert", "load_ranking", "load_ranking_orbax",
-    "prepare_data", "propose", "search",
+    "prepare_data", "propose", "search", "slicing",
 ]
