@@ -28,7 +28,6 @@ the median seconds per candidate of the steady state, as the reference's
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -40,10 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from legr_jax import compile_options, data, models, surgery, train  # noqa: E402
+from legr_jax import compile_options, data, models, train  # noqa: E402
 from legr_jax.models import conv_packing  # noqa: E402
 from legr_jax.search import evolution, fitness  # noqa: E402
-from legr_jax.train import step as step_lib  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                       "shared", "data", "cifar10_train_subset.npz")
@@ -97,8 +95,8 @@ def run_config(net, variables, fdata, fcfg, spec: str, alpha, kappa,
     phases = {k: float(np.median([p[k] for p in last])) for k in last[0]}
     phases["s_per_step"] = float(np.median(
         [p["steps_s"] / max(1, p["steps"]) for p in last]))
-  return {"phases": phases,"config": spec, "backend": backend, "K": k, "workers": workers,
-          "bucket": bucket, "warmup_candidates": warmup,
+  return {"config": spec, "backend": backend, "K": k, "workers": workers,
+          "bucket": bucket, "phases": phases, "warmup_candidates": warmup,
           "warmup_s_per_candidate": warm_s / max(1, warmup),
           "candidates": len(per) * k,
           "median_s_per_candidate": float(np.median(per)),
@@ -115,13 +113,9 @@ def time_sgd_steps(net, variables, fdata, fcfg, alpha, kappa, steps: int,
   with output packing to ``lanes`` (0: XLA's ordinary convs)."""
   ev = fitness.Evaluator(net, variables, fdata, fcfg, backend="sliced")
   masks, _, frac = ev.masks(alpha[None], kappa[None])
-  small, small_vars = surgery.slice_network(
-      net, ev.variables, {g: m[0] for g, m in masks.items()})
-  small.conv_lanes = lanes
-  opt = fitness.make_optimizer(fcfg)
-  state = step_lib.init_train_state(small, 0, opt, small_vars)
-  step = jax.jit(functools.partial(fitness.sgd_step, small, opt),
-                 compiler_options=ev.compiler_options, donate_argnums=0)
+  state, step = fitness.sliced_sgd(
+      net, ev.variables, {g: m[0] for g, m in masks.items()}, fcfg,
+      compiler_options=ev.compiler_options, conv_lanes=lanes)
   times = []
   for i in range(steps + 1):   # the first call compiles
     j = i % len(fdata.train_images)
@@ -151,9 +145,9 @@ def main():
   p.add_argument("--warmup", type=int, default=None)
   p.add_argument("--candidates", type=int, default=None)
   p.add_argument("--search_evaluations", type=int, default=0,
-                 help="also run a real search (P=64, S=16, K=2, sliced) of "
-                 "this many evaluations and report its seconds per "
-                 "candidate, memoized repeats included")
+                 help="also run a real search (P=64, S=16; see --search_*) "
+                 "of this many evaluations and report its wall time and "
+                 "seconds per candidate, memoized repeats included")
   p.add_argument("--search_tau_hat", type=int, default=0,
                  help="tau_hat of the --search_evaluations search")
   p.add_argument("--search_backend", default="sliced",
@@ -271,8 +265,8 @@ def main():
     wall = time.perf_counter() - t0
     res = r.result
     ref = _reference(args, cfg.tau_hat)
-    ratio = (f"; PyTorch/JAX ratio {ref / res['mean_seconds_per_candidate']:.2f}"
-             if ref else "")
+    mean_s = res["mean_seconds_per_candidate"]
+    ratio = f"; PyTorch/JAX ratio {ref / mean_s:.2f}" if ref else ""
     print(f"search of {cfg.evaluations} evaluations (tau_hat="
           f"{cfg.tau_hat}, K={cfg.candidates_per_round}, {cfg.backend}): "
           f"wall {wall:.1f} s; {res['mean_seconds_per_candidate']:.3f} "
@@ -280,9 +274,7 @@ def main():
           f"{res['memoized']} memoized repeats), median "
           f"{res['median_seconds_per_candidate']:.3f}{ratio}; best loss "
           f"{r.loss:.4f} (identity {res['identity_loss']:.4f})", flush=True)
-    res = dict(res, wall_seconds=wall, tau_hat=cfg.tau_hat,
-               candidates_per_round=cfg.candidates_per_round,
-               backend=cfg.backend)
+    res = dict(res, wall_seconds=wall)
     results.append({"search": res})
   if args.json_out:
     with open(args.json_out, "w") as f:

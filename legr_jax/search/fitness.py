@@ -450,15 +450,12 @@ class Evaluator:
     # (bucketed widths: compiled blocks shared across candidates, instead
     # of new ones for every candidate's exact widths).
     t0 = time.perf_counter()
-    small, small_vars = surgery.slice_network(net, self.variables, masks_np)
     # packed forward and input-gradient convs, as wide as these options
     # make pay (conv_packing.lanes_for)
-    small.conv_lanes = self._executor.conv_lanes
-    opt = make_optimizer(cfg)
-    state = jax.device_put(step_lib.init_train_state(small, 0, opt,
-                                                     small_vars), device)
-    step = jax.jit(functools.partial(sgd_step, small, opt),
-                   compiler_options=self.compiler_options, donate_argnums=0)
+    state, step = sliced_sgd(net, self.variables, masks_np, cfg,
+                             compiler_options=self.compiler_options,
+                             conv_lanes=self._executor.conv_lanes)
+    state = jax.device_put(state, device)
     mean, inv_std = dd["stats"]
     t1 = time.perf_counter()
     steps = dd["train_steps"]
@@ -542,6 +539,21 @@ def sgd_step(net, optimizer, state, x, y, mean, inv_std):
   return state
 
 
+def sliced_sgd(net, variables, masks, config: FitnessConfig, *,
+               compiler_options: dict | None, conv_lanes: int):
+  """``net`` physically sliced to 0/1 ``masks``, ready for the tau_hat steps:
+  ``(state, step)``, the train state of the sliced network and its jitted
+  `sgd_step` (``step(state, x, y, mean, inv_std) -> state``; the state is
+  donated), convs packed to ``conv_lanes``."""
+  small, small_vars = surgery.slice_network(net, variables, masks)
+  small.conv_lanes = conv_lanes
+  opt = make_optimizer(config)
+  state = step_lib.init_train_state(small, 0, opt, small_vars)
+  step = jax.jit(functools.partial(sgd_step, small, opt),
+                 compiler_options=compiler_options, donate_argnums=0)
+  return state, step
+
+
 def layer_norm_std(net, variables) -> np.ndarray:
   """Per-layer std of the filter norms [L] (the kappa scale of LeGR)."""
   norms = ranking.filter_norms(net.spec, variables["params"])
@@ -552,4 +564,4 @@ def layer_norm_std(net, variables) -> np.ndarray:
 __all__ = ["BACKENDS", "Evaluator", "FitnessConfig", "FitnessData",
            "bucket_masks", "candidate_masks", "default_backend", "finetune",
            "layer_norm_std", "mask_digest", "masked_loss", "prepare_data",
-           "sgd_step", "validation_loss"]
+           "sgd_step", "sliced_sgd", "validation_loss"]
