@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from legr_jax.models import direct_conv
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -129,13 +131,35 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
   return y.reshape(n, y.shape[1], w_out, cout)
 
 
+def _direct_first(packed):
+  """``packed`` (a `conv_general_dilated` variant), except that the convs
+  `direct_conv` computes (3x3, stride 1, padding 1, float32) go there when
+  it is available."""
+
+  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+           rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+           precision=None, **kwargs):
+    if (precision is None and not kwargs
+        and _packable_layout(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                             dimension_numbers, feature_group_count)
+        and direct_conv.applies(lhs, rhs, window_strides, padding)
+        and direct_conv.available()):
+      return direct_conv.conv3x3(lhs, rhs)
+    return packed(lhs, rhs, window_strides, padding, lhs_dilation,
+                  rhs_dilation, dimension_numbers, feature_group_count,
+                  precision, **kwargs)
+
+  return conv
+
+
 @functools.lru_cache(maxsize=None)
 def conv_fn(lanes: int):
-  """A drop-in for `lax.conv_general_dilated` packing to ``lanes`` (None
-  when ``lanes`` is 0: use the ordinary convolution)."""
+  """A drop-in for `lax.conv_general_dilated` for XLA:CPU: `direct_conv`'s
+  kernel where it applies, else output packing to ``lanes``. None when
+  ``lanes`` is 0: XLA's ordinary convolution everywhere."""
   if lanes <= 0:
     return None
-  return functools.partial(conv_general_dilated, lanes=lanes)
+  return _direct_first(functools.partial(conv_general_dilated, lanes=lanes))
 
 
 # XLA:CPU option that keeps convolutions off YNNPACK (XLA's Eigen convs then
@@ -243,8 +267,10 @@ def conv_general_dilated_train(lhs, rhs, window_strides, padding,
 
 @functools.lru_cache(maxsize=None)
 def train_conv_fn(lanes: int):
-  """`conv_fn` for training: packed forward and input gradient (None when
+  """`conv_fn` for training: `direct_conv` where it applies (forward, input
+  and kernel gradients), else packed forward and input gradient (None when
   ``lanes`` is 0)."""
   if lanes <= 0:
     return None
-  return functools.partial(conv_general_dilated_train, lanes=lanes)
+  return _direct_first(functools.partial(conv_general_dilated_train,
+                                         lanes=lanes))

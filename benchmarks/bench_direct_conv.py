@@ -1,0 +1,89 @@
+"""Milliseconds per 3x3 conv: XLA:CPU (with output packing, as legr_jax ran
+them before `direct_conv`) vs the direct kernel, forward / input gradient /
+kernel gradient, 128 images, shapes of a 47%-FLOPs ResNet-56 candidate.
+
+  python benchmarks/bench_direct_conv.py [--batch 128] [--repeats 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from legr_jax import compile_options  # noqa: E402
+from legr_jax.models import conv_packing, direct_conv  # noqa: E402
+
+DN = ("NHWC", "HWIO", "NHWC")
+SAME = ((1, 1), (1, 1))
+# (spatial, in, out): CIFAR ResNet-56 stages at the widths LeGR's 47%-FLOPs
+# candidates keep (benchmarks/bench_search.py --sgd_steps lists them).
+SHAPES = [(32, 16, 16), (32, 16, 7), (32, 16, 4), (32, 16, 2), (32, 4, 16),
+          (32, 3, 16), (16, 32, 32), (16, 32, 31), (16, 31, 32),
+          (8, 64, 64), (8, 64, 46), (8, 46, 64)]
+
+
+def _median_ms(fn, *args, repeats):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return 1e3 * float(np.median(times))
+
+
+def _programs(conv):
+  opts = compile_options.CPU
+  fwd = jax.jit(conv, compiler_options=opts)
+  dx = jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0],
+               compiler_options=opts)
+  dk = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0],
+               compiler_options=opts)
+  return fwd, dx, dk
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=9)
+  args = p.parse_args()
+  if not direct_conv.available():
+    sys.exit("direct_conv is not available here (see the warning above)")
+  lanes = conv_packing.lanes_for(compile_options.CPU)
+  xla = _programs(lambda x, k: conv_packing.conv_general_dilated_train(
+      x, k, (1, 1), SAME, dimension_numbers=DN, lanes=lanes))
+  direct = _programs(direct_conv.conv3x3)
+  print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores, batch "
+        f"{args.batch}, packing lanes {lanes}; ms (median of {args.repeats})")
+  print(f"{'shape':>14s} | {'forward':>15s} | {'input grad':>15s} | "
+        f"{'kernel grad':>15s}")
+  totals = np.zeros((2, 3))
+  for hw, cin, cout in SHAPES:
+    rng = np.random.default_rng(hw * 100 + cin + cout)
+    x = jnp.asarray(rng.normal(size=(args.batch, hw, hw, cin)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(args.batch, hw, hw, cout)), jnp.float32)
+    row = []
+    for i, (a, b) in enumerate(zip(xla, direct)):
+      ta = _median_ms(a, *((x, k) if i == 0 else (x, k, g)),
+                      repeats=args.repeats)
+      tb = _median_ms(b, *((x, k) if i == 0 else (x, k, g)),
+                      repeats=args.repeats)
+      totals[:, i] += (ta, tb)
+      row.append(f"{ta:6.2f} -> {tb:5.2f}")
+    print(f"{hw:3d}x{hw:<3d}{cin:3d}->{cout:<3d} | " + " | ".join(row),
+          flush=True)
+  print(f"{'sum':>14s} | " + " | ".join(
+      f"{a:6.1f} -> {b:5.1f}" for a, b in zip(*totals)))
+
+
+if __name__ == "__main__":
+  main()

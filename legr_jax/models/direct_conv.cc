@@ -1,0 +1,315 @@
+// 3x3, stride-1, padding-1 float32 convolutions in NHWC/HWIO for XLA:CPU,
+// vectorized along the flattened, zero-padded image rows (see
+// legr_jax/models/direct_conv.py for why, how it is built and used).
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+inline v16 splat(float s) {
+  return v16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+}
+// Keeps a loaded vector in a register: without it GCC folds the load into
+// every FMA that uses it (3 loads instead of 1 in the kernel gradient).
+inline v16 in_register(v16 v) {
+  asm("" : "+v"(v));
+  return v;
+}
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Geometry of a chunk of `images` images stacked vertically in a
+// channel-major, zero-padded layout with rows of w + 1 floats: image n's row
+// i is padded row 1 + n * (h + 1) + i, pixel j its column 1 + j; column 0
+// is zero, and serves as the left padding of its row and, flattened, the
+// right padding of the row before; one zero row separates images (a 3x3
+// window never reaches across it). Output position p = r * wp + j
+// (r = n * (h + 1) + i) reads inputs p + kh * wp + kw.
+struct Geometry {
+  int64_t h, w, wp, images;  // wp: padded row length
+  int64_t positions;  // flattened output positions, a multiple of 64
+  int64_t stride;     // floats per channel of the padded input
+  Geometry(int64_t h_, int64_t w_, int64_t images_)
+      : h(h_), w(w_), wp(w_ + 1), images(images_) {
+    positions = round_up((images * (h + 1) - 1) * wp, 64);
+    stride = round_up(positions + 2 * wp + 2, 16);
+  }
+  int64_t offset(int t) const { return (t / 3) * wp + t % 3; }
+  int64_t out_pos(int64_t n, int64_t i, int64_t j) const {
+    return (n * (h + 1) + i) * wp + j;
+  }
+};
+
+// x [images, H, W, C] (NHWC) -> xp [C][stride], zero-padded.
+void pack_input(const float* x, int64_t c, const Geometry& g, float* xp) {
+  std::memset(xp, 0, sizeof(float) * c * g.stride);
+  for (int64_t n = 0; n < g.images; ++n)
+    for (int64_t i = 0; i < g.h; ++i)
+      for (int64_t j = 0; j < g.w; ++j) {
+        const float* src = x + ((n * g.h + i) * g.w + j) * c;
+        float* dst = xp + g.out_pos(n, i, j) + g.wp + 1;
+        for (int64_t ch = 0; ch < c; ++ch) dst[ch * g.stride] = src[ch];
+      }
+}
+
+// Images per chunk: the padded input of a chunk fills about `floats`.
+int64_t chunk_images(int64_t h, int64_t w, int64_t c, int64_t n,
+                     int64_t floats) {
+  int64_t per_image = c * (h + 1) * (w + 1);
+  return std::max<int64_t>(1, std::min<int64_t>(n, floats / per_image));
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : fallback;
+}
+
+// Output channels [co0, co0 + B) of one image: of[co][p] at flat positions.
+template <int B>
+__attribute__((noinline)) void fwd_block(const float* xp, const float* kt, int64_t ci_count,
+               const Geometry& g, float* of) {
+  int64_t off[9];
+  for (int t = 0; t < 9; ++t) off[t] = g.offset(t);
+  for (int64_t p0 = 0; p0 < g.positions; p0 += 64) {
+    v16 acc[B][4];
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < 4; ++j) acc[b][j] = v16{};
+    for (int64_t ci = 0; ci < ci_count; ++ci) {
+      const float* xc = xp + ci * g.stride + p0;
+      const float* kc = kt + ci * 9 * B;
+      for (int t = 0; t < 9; ++t) {
+        const float* xt = xc + off[t];
+        v16 x0 = load(xt), x1 = load(xt + 16), x2 = load(xt + 32),
+            x3 = load(xt + 48);
+        for (int b = 0; b < B; ++b) {
+          v16 kb = splat(kc[t * B + b]);
+          acc[b][0] += kb * x0;
+          acc[b][1] += kb * x1;
+          acc[b][2] += kb * x2;
+          acc[b][3] += kb * x3;
+        }
+      }
+    }
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < 4; ++j) store(of + b * g.positions + p0 + 16 * j,
+                                        acc[b][j]);
+  }
+}
+
+// Output channels per register block of the forward conv.
+constexpr int64_t kBlock = 6;
+
+// y[n] = conv(x[n], k) for n in [n0, n1).
+void forward(const float* x, const float* k, float* y, int64_t n0, int64_t n1,
+             int64_t h, int64_t w, int64_t ci_count, int64_t co_count) {
+  // Kernel regrouped per block of kBlock output channels: [block][ci][tap][b].
+  std::vector<float> kt(ci_count * 9 * round_up(co_count, kBlock));
+  for (int64_t co0 = 0; co0 < co_count; co0 += kBlock) {
+    int64_t bsz = std::min<int64_t>(kBlock, co_count - co0);
+    float* dst = kt.data() + co0 * ci_count * 9;
+    for (int64_t ci = 0; ci < ci_count; ++ci)
+      for (int t = 0; t < 9; ++t)
+        for (int64_t b = 0; b < bsz; ++b)
+          dst[(ci * 9 + t) * bsz + b] = k[(t * ci_count + ci) * co_count + co0 + b];
+  }
+  const int64_t chunk = chunk_images(h, w, ci_count, n1 - n0, env_int("LEGR_FWD_CHUNK", 65536));
+  const int64_t in_size = h * w * ci_count, out_size = h * w * co_count;
+  const Geometry full(h, w, chunk);
+  std::vector<float> xp(ci_count * full.stride);
+  std::vector<float> of(co_count * full.positions);
+  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+    const Geometry g(h, w, std::min(chunk, n1 - c0));
+    pack_input(x + c0 * in_size, ci_count, g, xp.data());
+    for (int64_t co0 = 0; co0 < co_count; co0 += kBlock) {
+      const float* kb = kt.data() + co0 * ci_count * 9;
+      float* ob = of.data() + co0 * g.positions;
+      switch (std::min<int64_t>(kBlock, co_count - co0)) {
+        case 6: fwd_block<6>(xp.data(), kb, ci_count, g, ob); break;
+        case 5: fwd_block<5>(xp.data(), kb, ci_count, g, ob); break;
+        case 4: fwd_block<4>(xp.data(), kb, ci_count, g, ob); break;
+        case 3: fwd_block<3>(xp.data(), kb, ci_count, g, ob); break;
+        case 2: fwd_block<2>(xp.data(), kb, ci_count, g, ob); break;
+        default: fwd_block<1>(xp.data(), kb, ci_count, g, ob); break;
+      }
+    }
+    for (int64_t n = 0; n < g.images; ++n)
+      for (int64_t i = 0; i < h; ++i)
+        for (int64_t j = 0; j < w; ++j) {
+          float* dst = y + (c0 + n) * out_size + (i * w + j) * co_count;
+          const float* src = of.data() + g.out_pos(n, i, j);
+          for (int64_t co = 0; co < co_count; ++co) dst[co] = src[co * g.positions];
+        }
+  }
+}
+
+// part[co][ci][t] += sum_p dyf[co][p] * xp[ci][p + off_t], co in [co0, co0+B).
+template <int B>
+__attribute__((noinline)) void wgrad_block(const float* xp, const float* dyf, int64_t ci_count,
+                 const Geometry& g, float* part) {
+  int64_t off[9];
+  for (int t = 0; t < 9; ++t) off[t] = g.offset(t);
+  for (int64_t ci = 0; ci < ci_count; ++ci) {
+    v16 acc[B][9];
+    for (int b = 0; b < B; ++b)
+      for (int t = 0; t < 9; ++t) acc[b][t] = v16{};
+    const float* xc = xp + ci * g.stride;
+    for (int64_t p0 = 0; p0 < g.positions; p0 += 16) {
+      v16 d[B];
+      for (int b = 0; b < B; ++b) d[b] = load(dyf + b * g.positions + p0);
+      for (int t = 0; t < 9; ++t) {
+        v16 xv = in_register(load(xc + p0 + off[t]));
+        for (int b = 0; b < B; ++b) acc[b][t] += d[b] * xv;
+      }
+    }
+    for (int b = 0; b < B; ++b)
+      for (int t = 0; t < 9; ++t)
+        part[(b * ci_count + ci) * 9 + t] += hsum(acc[b][t]);
+  }
+}
+
+// part [co][ci][9] += kernel gradient of images [n0, n1).
+void wgrad(const float* x, const float* dy, float* part, int64_t n0,
+           int64_t n1, int64_t h, int64_t w, int64_t ci_count,
+           int64_t co_count) {
+  const int64_t chunk = chunk_images(h, w, ci_count, n1 - n0, env_int("LEGR_WG_CHUNK", 65536));
+  const int64_t in_size = h * w * ci_count, out_size = h * w * co_count;
+  const Geometry full(h, w, chunk);
+  std::vector<float> xp(ci_count * full.stride);
+  std::vector<float> dyf(co_count * full.positions);
+  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+    const Geometry g(h, w, std::min(chunk, n1 - c0));
+    pack_input(x + c0 * in_size, ci_count, g, xp.data());
+    std::memset(dyf.data(), 0, sizeof(float) * co_count * g.positions);
+    for (int64_t n = 0; n < g.images; ++n)
+      for (int64_t i = 0; i < h; ++i)
+        for (int64_t j = 0; j < w; ++j) {
+          const float* src = dy + (c0 + n) * out_size + (i * w + j) * co_count;
+          float* dst = dyf.data() + g.out_pos(n, i, j);
+          for (int64_t co = 0; co < co_count; ++co) dst[co * g.positions] = src[co];
+        }
+    for (int64_t co0 = 0; co0 < co_count; co0 += 3) {
+      const float* db = dyf.data() + co0 * g.positions;
+      float* pb = part + co0 * ci_count * 9;
+      switch (std::min<int64_t>(3, co_count - co0)) {
+        case 3: wgrad_block<3>(xp.data(), db, ci_count, g, pb); break;
+        case 2: wgrad_block<2>(xp.data(), db, ci_count, g, pb); break;
+        default: wgrad_block<1>(xp.data(), db, ci_count, g, pb); break;
+      }
+    }
+  }
+}
+
+// Runs task(i) for i in [0, tasks) on XLA's intra-op thread pool (inline
+// when it has no threads) and then `done()` on the thread that finished
+// last; the returned future completes after `done`.
+template <typename Task, typename Done>
+ffi::Future run_parallel(ffi::ThreadPool& pool, int64_t tasks, Task task,
+                         Done done) {
+  ffi::CountDownPromise promise(tasks);
+  ffi::Future future(promise);
+  auto remaining = std::make_shared<std::atomic<int64_t>>(tasks);
+  auto shared_task = std::make_shared<Task>(std::move(task));
+  auto shared_done = std::make_shared<Done>(std::move(done));
+  auto run = [=](int64_t i) mutable {
+    (*shared_task)(i);
+    if (remaining->fetch_sub(1, std::memory_order_acq_rel) == 1) (*shared_done)();
+    promise.CountDown();
+  };
+  if (pool.num_threads() <= 1) {
+    for (int64_t i = 0; i < tasks; ++i) run(i);
+  } else {
+    for (int64_t i = 1; i < tasks; ++i) pool.Schedule([run, i]() mutable { run(i); });
+    run(0);
+  }
+  return future;
+}
+
+int64_t task_count(ffi::ThreadPool& pool, int64_t images) {
+  return std::max<int64_t>(1, std::min<int64_t>(
+      std::max<int64_t>(1, pool.num_threads()), images));
+}
+
+ffi::Future failed(const std::string& message) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  promise.SetError(ffi::Error(ffi::ErrorCode::kInvalidArgument, message));
+  return future;
+}
+
+ffi::Future ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), kd = k.dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || kd[0] != 3 || kd[1] != 3 ||
+      kd[2] != xd[3])
+    return failed("legr direct conv: expected x [N,H,W,C] and k [3,3,C,O]");
+  const int64_t n = xd[0], h = xd[1], w = xd[2], ci = xd[3], co = kd[3];
+  const float *xp = x.typed_data(), *kp = k.typed_data();
+  float* yp = y->typed_data();
+  const int64_t tasks = task_count(pool, n);
+  return run_parallel(pool, tasks, [=](int64_t t) {
+    forward(xp, kp, yp, n * t / tasks, n * (t + 1) / tasks, h, w, ci, co);
+  }, [] {});
+}
+
+ffi::Future KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> dy,
+                           ffi::ResultBuffer<ffi::F32> dk) {
+  auto xd = x.dimensions(), dd = dy.dimensions();
+  if (xd.size() != 4 || dd.size() != 4 || dd[0] != xd[0] || dd[1] != xd[1] ||
+      dd[2] != xd[2])
+    return failed("legr direct conv: expected x [N,H,W,C], dy [N,H,W,O]");
+  const int64_t n = xd[0], h = xd[1], w = xd[2], ci = xd[3], co = dd[3];
+  const float *xp = x.typed_data(), *dp = dy.typed_data();
+  float* out = dk->typed_data();
+  const int64_t tasks = task_count(pool, n);
+  auto parts = std::make_shared<std::vector<std::vector<float>>>(
+      tasks, std::vector<float>(co * ci * 9, 0.f));
+  return run_parallel(pool, tasks, [=](int64_t t) {
+    wgrad(xp, dp, (*parts)[t].data(), n * t / tasks, n * (t + 1) / tasks, h,
+          w, ci, co);
+  }, [=] {
+    // Fixed summation order over tasks: deterministic for a thread count.
+    for (int64_t o = 0; o < co; ++o)
+      for (int64_t i = 0; i < ci; ++i)
+        for (int t9 = 0; t9 < 9; ++t9) {
+          float s = 0.f;
+          for (int64_t t = 0; t < tasks; ++t) s += (*parts)[t][(o * ci + i) * 9 + t9];
+          out[(t9 * ci + i) * co + o] = s;
+        }
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LegrConv3x3Forward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LegrConv3x3KernelGrad, KernelGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
