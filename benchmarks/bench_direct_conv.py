@@ -1,6 +1,7 @@
 """Milliseconds per 3x3 conv: XLA:CPU (with output packing, as legr_jax ran
 them before `direct_conv`) vs the direct kernel, forward / input gradient /
 kernel gradient, 128 images, shapes of a 47%-FLOPs ResNet-56 candidate.
+`direct_conv.faster_than_xla` is read off this table.
 
   python benchmarks/bench_direct_conv.py [--batch 128] [--repeats 9]
 """
@@ -8,6 +9,7 @@ kernel gradient, 128 images, shapes of a 47%-FLOPs ResNet-56 candidate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -40,14 +42,33 @@ def _median_ms(fn, *args, repeats):
   return 1e3 * float(np.median(times))
 
 
-def _programs(conv):
-  opts = compile_options.CPU
-  fwd = jax.jit(conv, compiler_options=opts)
-  dx = jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0],
-               compiler_options=opts)
-  dk = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0],
-               compiler_options=opts)
-  return fwd, dx, dk
+@contextlib.contextmanager
+def _direct_conv_off():
+  old = os.environ.get("LEGR_DIRECT_CONV")
+  os.environ["LEGR_DIRECT_CONV"] = "0"
+  try:
+    yield
+  finally:
+    if old is None:
+      del os.environ["LEGR_DIRECT_CONV"]
+    else:
+      os.environ["LEGR_DIRECT_CONV"] = old
+
+
+def _programs(conv, direct: bool):
+  """Jitted forward, input gradient and kernel gradient of ``conv``; traced
+  with `direct_conv` off unless ``direct``."""
+  ctx = contextlib.nullcontext if direct else _direct_conv_off
+
+  def traced(fn):
+    def run(*args):
+      with ctx():
+        return fn(*args)
+    return jax.jit(run, compiler_options=compile_options.CPU)
+
+  return (traced(conv),
+          traced(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]),
+          traced(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]))
 
 
 def main():
@@ -59,8 +80,8 @@ def main():
     sys.exit("direct_conv is not available here (see the warning above)")
   lanes = conv_packing.lanes_for(compile_options.CPU)
   xla = _programs(lambda x, k: conv_packing.conv_general_dilated_train(
-      x, k, (1, 1), SAME, dimension_numbers=DN, lanes=lanes))
-  direct = _programs(direct_conv.conv3x3)
+      x, k, (1, 1), SAME, dimension_numbers=DN, lanes=lanes), direct=False)
+  direct = _programs(direct_conv.conv3x3, direct=True)
   print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores, batch "
         f"{args.batch}, packing lanes {lanes}; ms (median of {args.repeats})")
   print(f"{'shape':>14s} | {'forward':>15s} | {'input grad':>15s} | "

@@ -133,8 +133,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
 
 def _direct_first(packed):
   """``packed`` (a `conv_general_dilated` variant), except that the convs
-  `direct_conv` computes (3x3, stride 1, padding 1, float32) go there when
-  it is available."""
+  `direct_conv` computes (3x3, stride 1, padding 1, float32) faster go there
+  when it is available."""
 
   def conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
            rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
@@ -143,6 +143,8 @@ def _direct_first(packed):
         and _packable_layout(lhs, rhs, padding, lhs_dilation, rhs_dilation,
                              dimension_numbers, feature_group_count)
         and direct_conv.applies(lhs, rhs, window_strides, padding)
+        and direct_conv.faster_than_xla("forward", lhs.shape[1] * lhs.shape[2],
+                                        rhs.shape[2], rhs.shape[3])
         and direct_conv.available()):
       return direct_conv.conv3x3(lhs, rhs)
     return packed(lhs, rhs, window_strides, padding, lhs_dilation,
@@ -216,8 +218,23 @@ def _dgrad_padding(kernel_shape, padding):
   return ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
 
 
+def _direct_parts(lhs, rhs, window_strides, padding) -> tuple[bool, ...]:
+  """(forward, input_grad, kernel_grad): which parts of this conv's training
+  go to `direct_conv` (where it applies, is faster, and is available)."""
+  if not direct_conv.applies(lhs, rhs, window_strides, padding):
+    return (False, False, False)
+  hw, cin, cout = lhs.shape[1] * lhs.shape[2], rhs.shape[2], rhs.shape[3]
+  parts = tuple(direct_conv.faster_than_xla(p, hw, cin, cout)
+                for p in ("forward", "input_grad", "kernel_grad"))
+  if any(parts) and direct_conv.available():
+    return parts
+  return (False, False, False)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_train(lhs, rhs, window_strides, padding, lanes):
+  if _direct_parts(lhs, rhs, window_strides, padding)[0]:
+    return direct_conv.forward(lhs, rhs)
   return conv_general_dilated(lhs, rhs, window_strides, padding,
                               dimension_numbers=_NHWC, lanes=lanes)
 
@@ -236,14 +253,20 @@ def _conv_train_bwd(window_strides, padding, lanes, res, g):
   if tuple(window_strides) != (1, 1) or min(min(p) for p in _dgrad_padding(
       rhs.shape, padding)) < 0:
     return jax.vjp(plain, lhs, rhs)[1](g)
-  _, kernel_vjp = jax.vjp(lambda r: plain(lhs, r), rhs)
+  _, use_dx, use_dk = _direct_parts(lhs, rhs, window_strides, padding)
+  if use_dk:
+    dk = direct_conv.kernel_grad(lhs, g)
+  else:
+    dk = jax.vjp(lambda r: plain(lhs, r), rhs)[1](g)[0]
+  if use_dx:
+    return direct_conv.input_grad(g, rhs), dk
   # The input gradient of a stride-1 conv is a stride-1 conv of g with the
   # spatially flipped, in/out-swapped kernel: pack it like a forward conv.
   flipped = jnp.flip(rhs, (0, 1)).transpose(0, 1, 3, 2)
   dx = conv_general_dilated(g, flipped, (1, 1),
                             _dgrad_padding(rhs.shape, padding),
                             dimension_numbers=_NHWC, lanes=lanes)
-  return dx, kernel_vjp(g)[0]
+  return dx, dk
 
 
 _conv_train.defvjp(_conv_train_fwd, _conv_train_bwd)
@@ -254,7 +277,8 @@ def conv_general_dilated_train(lhs, rhs, window_strides, padding,
                                dimension_numbers=None, feature_group_count=1,
                                precision=None, *, lanes: int, **kwargs):
   """Like `conv_general_dilated`, differentiable with a packed input
-  gradient (stride 1) and XLA's own kernel gradient."""
+  gradient (stride 1) and XLA's own kernel gradient, except for the parts
+  `direct_conv` computes faster (3x3, stride 1, padding 1, float32)."""
   if (not _packable_layout(lhs, rhs, padding, lhs_dilation, rhs_dilation,
                            dimension_numbers, feature_group_count)
       or precision is not None or kwargs):
@@ -267,10 +291,10 @@ def conv_general_dilated_train(lhs, rhs, window_strides, padding,
 
 @functools.lru_cache(maxsize=None)
 def train_conv_fn(lanes: int):
-  """`conv_fn` for training: `direct_conv` where it applies (forward, input
-  and kernel gradients), else packed forward and input gradient (None when
-  ``lanes`` is 0)."""
+  """`conv_fn` for training: each of the forward conv, input gradient and
+  kernel gradient from `direct_conv` where that is faster
+  (`direct_conv.faster_than_xla`), else packed forward and input gradient
+  and XLA's kernel gradient (None when ``lanes`` is 0)."""
   if lanes <= 0:
     return None
-  return _direct_first(functools.partial(conv_general_dilated_train,
-                                         lanes=lanes))
+  return functools.partial(conv_general_dilated_train, lanes=lanes)

@@ -155,6 +155,25 @@ def _require():
                        "lax.conv_general_dilated (or check available())")
 
 
+def faster_than_xla(part: str, hw: int, cin: int, cout: int) -> bool:
+  """Whether the direct kernel beat XLA:CPU (output packing included) for
+  ``part`` ('forward', 'input_grad' or 'kernel_grad') of a conv over
+  ``hw`` pixels per image from ``cin`` to ``cout`` channels.
+
+  Measured by `benchmarks/bench_direct_conv.py` (2-core AVX-512 CPU, 128
+  images): forward and input gradient win when one side has at most 16
+  channels (32x32 16->4: 5.9 -> 1.8 ms) and lose when both have 32 or more
+  (8x8 64->64: 3.4 vs 4.6 ms: XLA's Eigen kernels fill 32 lanes there and
+  this layout pads 8x8 images to 9x9); the kernel gradient wins from 16x16
+  pixels up (16x16 32->32: 7.6 -> 5.4 ms) and loses at 8x8 (4.7 vs 5.8 ms).
+  """
+  if part in ("forward", "input_grad"):
+    return min(cin, cout) <= 16
+  if part == "kernel_grad":
+    return hw >= 256
+  raise ValueError(f"unknown part {part!r}")
+
+
 def _forward(x, k):
   _require()
   out = jax.ShapeDtypeStruct(x.shape[:3] + (k.shape[3],), jnp.float32)
@@ -179,12 +198,25 @@ def _conv3x3_fwd(x, k):
   return _forward(x, k), (x, k)
 
 
+def forward(x, k):
+  """The forward conv alone (not differentiable; `conv3x3` is)."""
+  return _forward(x, k)
+
+
+def input_grad(g, k):
+  """``d conv3x3(x, k) / dx`` applied to the output cotangent ``g``: the same
+  conv of g with the spatially flipped, in/out-swapped kernel."""
+  return _forward(g, jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2))
+
+
+def kernel_grad(x, g):
+  """``d conv3x3(x, k) / dk`` applied to ``g`` -> [3, 3, I, O]."""
+  return _kernel_grad(x, g)
+
+
 def _conv3x3_bwd(res, g):
   x, k = res
-  # Input gradient of a stride-1, padding-1 3x3 conv: the same conv of g with
-  # the spatially flipped kernel, input and output channels swapped.
-  dx = _forward(g, jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2))
-  return dx, _kernel_grad(x, g)
+  return input_grad(g, k), kernel_grad(x, g)
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
