@@ -37,6 +37,15 @@ inline float hsum(v16 v) {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// Per-thread scratch that only grows: a large malloc/free pair per call is a
+// fresh mmap whose pages are faulted in again on every call.
+float* scratch(int slot, size_t floats) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& b = buffers[slot];
+  if (b.size() < floats) b.resize(floats);
+  return b.data();
+}
+
 // Geometry of a chunk of `images` images stacked vertically in a
 // channel-major, zero-padded layout with rows of w + 1 floats: image n's row
 // i is padded row 1 + n * (h + 1) + i, pixel j its column 1 + j; column 0
@@ -122,10 +131,10 @@ constexpr int64_t kBlock = 6;
 void forward(const float* x, const float* k, float* y, int64_t n0, int64_t n1,
              int64_t h, int64_t w, int64_t ci_count, int64_t co_count) {
   // Kernel regrouped per block of kBlock output channels: [block][ci][tap][b].
-  std::vector<float> kt(ci_count * 9 * round_up(co_count, kBlock));
+  float* kt = scratch(0, ci_count * 9 * round_up(co_count, kBlock));
   for (int64_t co0 = 0; co0 < co_count; co0 += kBlock) {
     int64_t bsz = std::min<int64_t>(kBlock, co_count - co0);
-    float* dst = kt.data() + co0 * ci_count * 9;
+    float* dst = kt + co0 * ci_count * 9;
     for (int64_t ci = 0; ci < ci_count; ++ci)
       for (int t = 0; t < 9; ++t)
         for (int64_t b = 0; b < bsz; ++b)
@@ -134,28 +143,28 @@ void forward(const float* x, const float* k, float* y, int64_t n0, int64_t n1,
   const int64_t chunk = chunk_images(h, w, ci_count, n1 - n0, env_int("LEGR_FWD_CHUNK", 65536));
   const int64_t in_size = h * w * ci_count, out_size = h * w * co_count;
   const Geometry full(h, w, chunk);
-  std::vector<float> xp(ci_count * full.stride);
-  std::vector<float> of(co_count * full.positions);
+  float* xp = scratch(1, ci_count * full.stride);
+  float* of = scratch(2, co_count * full.positions);
   for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
     const Geometry g(h, w, std::min(chunk, n1 - c0));
-    pack_input(x + c0 * in_size, ci_count, g, xp.data());
+    pack_input(x + c0 * in_size, ci_count, g, xp);
     for (int64_t co0 = 0; co0 < co_count; co0 += kBlock) {
-      const float* kb = kt.data() + co0 * ci_count * 9;
-      float* ob = of.data() + co0 * g.positions;
+      const float* kb = kt + co0 * ci_count * 9;
+      float* ob = of + co0 * g.positions;
       switch (std::min<int64_t>(kBlock, co_count - co0)) {
-        case 6: fwd_block<6>(xp.data(), kb, ci_count, g, ob); break;
-        case 5: fwd_block<5>(xp.data(), kb, ci_count, g, ob); break;
-        case 4: fwd_block<4>(xp.data(), kb, ci_count, g, ob); break;
-        case 3: fwd_block<3>(xp.data(), kb, ci_count, g, ob); break;
-        case 2: fwd_block<2>(xp.data(), kb, ci_count, g, ob); break;
-        default: fwd_block<1>(xp.data(), kb, ci_count, g, ob); break;
+        case 6: fwd_block<6>(xp, kb, ci_count, g, ob); break;
+        case 5: fwd_block<5>(xp, kb, ci_count, g, ob); break;
+        case 4: fwd_block<4>(xp, kb, ci_count, g, ob); break;
+        case 3: fwd_block<3>(xp, kb, ci_count, g, ob); break;
+        case 2: fwd_block<2>(xp, kb, ci_count, g, ob); break;
+        default: fwd_block<1>(xp, kb, ci_count, g, ob); break;
       }
     }
     for (int64_t n = 0; n < g.images; ++n)
       for (int64_t i = 0; i < h; ++i)
         for (int64_t j = 0; j < w; ++j) {
           float* dst = y + (c0 + n) * out_size + (i * w + j) * co_count;
-          const float* src = of.data() + g.out_pos(n, i, j);
+          const float* src = of + g.out_pos(n, i, j);
           for (int64_t co = 0; co < co_count; ++co) dst[co] = src[co * g.positions];
         }
   }
@@ -193,26 +202,26 @@ void wgrad(const float* x, const float* dy, float* part, int64_t n0,
   const int64_t chunk = chunk_images(h, w, ci_count, n1 - n0, env_int("LEGR_WG_CHUNK", 65536));
   const int64_t in_size = h * w * ci_count, out_size = h * w * co_count;
   const Geometry full(h, w, chunk);
-  std::vector<float> xp(ci_count * full.stride);
-  std::vector<float> dyf(co_count * full.positions);
+  float* xp = scratch(1, ci_count * full.stride);
+  float* dyf = scratch(2, co_count * full.positions);
   for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
     const Geometry g(h, w, std::min(chunk, n1 - c0));
-    pack_input(x + c0 * in_size, ci_count, g, xp.data());
-    std::memset(dyf.data(), 0, sizeof(float) * co_count * g.positions);
+    pack_input(x + c0 * in_size, ci_count, g, xp);
+    std::memset(dyf, 0, sizeof(float) * co_count * g.positions);
     for (int64_t n = 0; n < g.images; ++n)
       for (int64_t i = 0; i < h; ++i)
         for (int64_t j = 0; j < w; ++j) {
           const float* src = dy + (c0 + n) * out_size + (i * w + j) * co_count;
-          float* dst = dyf.data() + g.out_pos(n, i, j);
+          float* dst = dyf + g.out_pos(n, i, j);
           for (int64_t co = 0; co < co_count; ++co) dst[co * g.positions] = src[co];
         }
     for (int64_t co0 = 0; co0 < co_count; co0 += 3) {
-      const float* db = dyf.data() + co0 * g.positions;
+      const float* db = dyf + co0 * g.positions;
       float* pb = part + co0 * ci_count * 9;
       switch (std::min<int64_t>(3, co_count - co0)) {
-        case 3: wgrad_block<3>(xp.data(), db, ci_count, g, pb); break;
-        case 2: wgrad_block<2>(xp.data(), db, ci_count, g, pb); break;
-        default: wgrad_block<1>(xp.data(), db, ci_count, g, pb); break;
+        case 3: wgrad_block<3>(xp, db, ci_count, g, pb); break;
+        case 2: wgrad_block<2>(xp, db, ci_count, g, pb); break;
+        default: wgrad_block<1>(xp, db, ci_count, g, pb); break;
       }
     }
   }
