@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from legr_jax import malloc_tuning  # noqa: E402
 from legr_jax import compile_options  # noqa: E402
 from legr_jax.models import conv_packing, direct_conv  # noqa: E402
 
@@ -72,6 +73,7 @@ def _programs(conv, direct: bool):
 
 
 def main():
+  malloc_tuning.retain_freed_memory()  # before JAX's first computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--repeats", type=int, default=9)

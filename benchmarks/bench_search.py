@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from legr_jax import malloc_tuning  # noqa: E402
 from legr_jax import compile_options, data, models, train  # noqa: E402
 from legr_jax.models import conv_packing  # noqa: E402
 from legr_jax.search import evolution, fitness  # noqa: E402
@@ -132,6 +133,7 @@ def time_sgd_steps(net, variables, fdata, fcfg, alpha, kappa, steps: int,
 
 
 def main():
+  malloc_tuning.retain_freed_memory()  # before JAX's first computation
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--checkpoint", default=None)
   p.add_argument("--data", default=SHARED)

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from legr_jax import malloc_tuning  # noqa: E402
 from legr_jax import data, models, train  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
@@ -79,6 +80,7 @@ def run(prefetch: int, split, net, step_fn, state, mesh, mean, std) -> dict:
 
 
 def main(argv):
+  malloc_tuning.retain_freed_memory()  # before JAX's first computation
   del argv
   logging.set_verbosity(logging.WARNING)
   split, source = _split()

@@ -112,6 +112,8 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   # JAX is imported only now, so --cpu_devices can take effect.
+  from legr_jax import malloc_tuning  # pylint: disable=g-import-not-at-top
+  malloc_tuning.retain_freed_memory()  # before JAX's first computation
   if DISTRIBUTED.value or COORDINATOR.value or NUM_PROCESSES.value:
     import jax  # pylint: disable=g-import-not-at-top
     # CPU processes exchange losses through gloo (XLA:CPU's collectives).

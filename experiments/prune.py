@@ -72,7 +72,8 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
-  from legr_jax import cost, pareto, ranking, surgery, train
+  from legr_jax import cost, malloc_tuning, pareto, ranking, surgery, train
+  malloc_tuning.retain_freed_memory()  # before JAX's first computation
 
   budgets = sorted({float(b) for b in FLAGS.budgets})
   if not budgets or budgets[0] <= 0 or budgets[-1] > 1:

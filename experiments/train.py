@@ -17,6 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
+from legr_jax import malloc_tuning
 from legr_jax import data as data_lib
 from legr_jax import train
 
@@ -111,6 +112,7 @@ def config_from_flags() -> train.TrainConfig:
 
 
 def main(argv):
+  malloc_tuning.retain_freed_memory()  # before JAX's first computation
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
