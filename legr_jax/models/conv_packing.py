@@ -17,6 +17,11 @@ kw`` times the MACs but fills the vectors. Measured (256 images, 32x32,
 AVX-512): 16->4 16.4 -> 6.2 ms, 16->8 15.0 -> 10.3 ms, 8->4 15.4 -> 3.4 ms,
 4->4 9.0 -> 3.3 ms.
 
+Since `direct_conv` (a C++ kernel vectorized along the image rows, not the
+channels) takes the 3x3 stride-1 convs where it is faster, packing is left
+with the stride-2 convs and the wide ones it still serves; `conv_fn` and
+`train_conv_fn` make that choice per conv.
+
 Only the compute layout changes: parameters, outputs and gradients are those
 of the ordinary convolution. FLOPs accounting (`legr_jax.cost`) counts the
 logical convolution.

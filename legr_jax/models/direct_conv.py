@@ -7,20 +7,22 @@ transposes), so it costs the same at 2 output channels as at 16. Training a
 pruned candidate for LeGR's ``tau_hat`` steps on a CPU is mostly these convs.
 
 How: `direct_conv.cc` lays a chunk of images out channel-major with zero
-padding (one zero row between stacked images, one zero column each side)
-and vectorizes along the flattened rows, 16 positions per vector, so the
-vector width no longer depends on the channel counts: the forward conv
-keeps 4 output channels x 64 positions in registers, the kernel gradient 3
-output channels x 9 taps. The input gradient is the forward kernel run on
-the output gradient with the flipped, in/out-swapped kernel. Images are split
-over OpenMP threads (``OMP_NUM_THREADS``, default: all cores); the kernel
-gradient sums the threads' partial sums in a fixed order (deterministic for
-a given thread count).
+padding (one zero row between stacked images, one shared zero column
+between rows) and vectorizes along the flattened rows, 16 positions per
+vector, so the vector width no longer depends on the channel counts: the
+forward conv keeps up to 6 output channels x 64 positions in registers, the
+kernel gradient 3 output channels x 9 taps. The input gradient is the
+forward kernel run on the output gradient with the flipped, in/out-swapped
+kernel. Images are split over XLA's own intra-op thread pool (no extra
+threads competing with XLA's); the kernel gradient sums the tasks' partial
+sums in a fixed order (deterministic for a given thread count).
 
-Measured (2-core AVX-512 CPU, 128 images, ms, XLA:CPU's conv vs this,
-forward / input gradient / kernel gradient; `benchmarks/bench_direct_conv.py`):
-see that script's output; on the ResNet-56 widths of a 47%-FLOPs LeGR
-candidate every shape was faster or equal.
+Where it is used: `conv_packing.conv_fn` / `train_conv_fn` (the CPU conv
+paths, on when a network's ``conv_lanes`` > 0) send each of a conv's
+forward, input gradient and kernel gradient here where `faster_than_xla`
+says so, by `benchmarks/bench_direct_conv.py`'s table (narrow convs and
+large images win several-fold; at 32+ channels on both sides XLA's own
+kernels stay).
 
 Scope: 2-D NHWC/HWIO, 3x3 kernel, stride 1, padding 1, no dilation or
 groups, float32 — the bulk of CIFAR ResNets. Everything else stays XLA's.
