@@ -91,6 +91,46 @@ int64_t chunk_images(int64_t h, int64_t w, int64_t c, int64_t n,
 // same; fewer images per chunk only add hsums and padding rows' overhead).
 constexpr int64_t kChunkFloats = 65536;
 
+// Copies between an NHWC output-shaped array [images, H, W, C] and the
+// chunk's channel-major output grid grid[C][positions] (row stride wp).
+void to_grid(const float* nhwc, int64_t c, const Geometry& g, float* grid) {
+  for (int64_t n = 0; n < g.images; ++n)
+    for (int64_t i = 0; i < g.h; ++i)
+      for (int64_t j = 0; j < g.w; ++j) {
+        const float* src = nhwc + ((n * g.h + i) * g.w + j) * c;
+        float* dst = grid + g.out_pos(n, i, j);
+        for (int64_t ch = 0; ch < c; ++ch) dst[ch * g.positions] = src[ch];
+      }
+}
+
+void from_grid(const float* grid, int64_t c, const Geometry& g, float* nhwc) {
+  for (int64_t n = 0; n < g.images; ++n)
+    for (int64_t i = 0; i < g.h; ++i)
+      for (int64_t j = 0; j < g.w; ++j) {
+        float* dst = nhwc + ((n * g.h + i) * g.w + j) * c;
+        const float* src = grid + g.out_pos(n, i, j);
+        for (int64_t ch = 0; ch < c; ++ch) dst[ch] = src[ch * g.positions];
+      }
+}
+
+// Calls body(c0, g, xp) for each chunk of images [c0, c0 + g.images) in
+// [n0, n1), with the chunk's input packed into xp; `out` is the per-thread
+// scratch for the chunk's output-grid of `co_count` channels.
+template <typename Body>
+void for_each_chunk(const float* x, int64_t n0, int64_t n1, int64_t h,
+                    int64_t w, int64_t ci_count, int64_t co_count,
+                    float** out, Body body) {
+  const int64_t chunk = chunk_images(h, w, ci_count, n1 - n0, kChunkFloats);
+  const Geometry full(h, w, chunk);
+  float* xp = scratch(1, ci_count * full.stride);
+  *out = scratch(2, co_count * full.positions);
+  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+    const Geometry g(h, w, std::min(chunk, n1 - c0));
+    pack_input(x + c0 * h * w * ci_count, ci_count, g, xp);
+    body(c0, g, xp);
+  }
+}
+
 // Output channels [co0, co0 + B) of one image: of[co][p] at flat positions.
 template <int B>
 __attribute__((noinline)) void fwd_block(const float* xp, const float* kt,
@@ -141,14 +181,9 @@ void forward(const float* x, const float* k, float* y, int64_t n0, int64_t n1,
           dst[(ci * 9 + t) * bsz + b] =
               k[(t * ci_count + ci) * co_count + co0 + b];
   }
-  const int64_t chunk = chunk_images(h, w, ci_count, n1 - n0, kChunkFloats);
-  const int64_t in_size = h * w * ci_count, out_size = h * w * co_count;
-  const Geometry full(h, w, chunk);
-  float* xp = scratch(1, ci_count * full.stride);
-  float* of = scratch(2, co_count * full.positions);
-  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
-    const Geometry g(h, w, std::min(chunk, n1 - c0));
-    pack_input(x + c0 * in_size, ci_count, g, xp);
+  float* of = nullptr;
+  for_each_chunk(x, n0, n1, h, w, ci_count, co_count, &of,
+                 [&](int64_t c0, const Geometry& g, const float* xp) {
     for (int64_t co0 = 0; co0 < co_count; co0 += kBlock) {
       const float* kb = kt + co0 * ci_count * 9;
       float* ob = of + co0 * g.positions;
@@ -161,15 +196,8 @@ void forward(const float* x, const float* k, float* y, int64_t n0, int64_t n1,
         default: fwd_block<1>(xp, kb, ci_count, g, ob); break;
       }
     }
-    for (int64_t n = 0; n < g.images; ++n)
-      for (int64_t i = 0; i < h; ++i)
-        for (int64_t j = 0; j < w; ++j) {
-          float* dst = y + (c0 + n) * out_size + (i * w + j) * co_count;
-          const float* src = of + g.out_pos(n, i, j);
-          for (int64_t co = 0; co < co_count; ++co)
-            dst[co] = src[co * g.positions];
-        }
-  }
+    from_grid(of, co_count, g, y + c0 * h * w * co_count);
+  });
 }
 
 // part[co][ci][t] += sum_p dyf[co][p] * xp[ci][p + off_t], co in [co0, co0+B).
@@ -202,23 +230,12 @@ __attribute__((noinline)) void wgrad_block(const float* xp, const float* dyf,
 void wgrad(const float* x, const float* dy, float* part, int64_t n0,
            int64_t n1, int64_t h, int64_t w, int64_t ci_count,
            int64_t co_count) {
-  const int64_t chunk = chunk_images(h, w, ci_count, n1 - n0, kChunkFloats);
-  const int64_t in_size = h * w * ci_count, out_size = h * w * co_count;
-  const Geometry full(h, w, chunk);
-  float* xp = scratch(1, ci_count * full.stride);
-  float* dyf = scratch(2, co_count * full.positions);
-  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
-    const Geometry g(h, w, std::min(chunk, n1 - c0));
-    pack_input(x + c0 * in_size, ci_count, g, xp);
+  float* dyf = nullptr;
+  for_each_chunk(x, n0, n1, h, w, ci_count, co_count, &dyf,
+                 [&](int64_t c0, const Geometry& g, const float* xp) {
+    // Zeros at the grid's padding positions keep them out of the sums.
     std::memset(dyf, 0, sizeof(float) * co_count * g.positions);
-    for (int64_t n = 0; n < g.images; ++n)
-      for (int64_t i = 0; i < h; ++i)
-        for (int64_t j = 0; j < w; ++j) {
-          const float* src = dy + (c0 + n) * out_size + (i * w + j) * co_count;
-          float* dst = dyf + g.out_pos(n, i, j);
-          for (int64_t co = 0; co < co_count; ++co)
-            dst[co * g.positions] = src[co];
-        }
+    to_grid(dy + c0 * h * w * co_count, co_count, g, dyf);
     for (int64_t co0 = 0; co0 < co_count; co0 += 3) {
       const float* db = dyf + co0 * g.positions;
       float* pb = part + co0 * ci_count * 9;
@@ -228,7 +245,7 @@ void wgrad(const float* x, const float* dy, float* part, int64_t n0,
         default: wgrad_block<1>(xp, db, ci_count, g, pb); break;
       }
     }
-  }
+  });
 }
 
 // Runs task(i) for i in [0, tasks) on XLA's intra-op thread pool (inline

@@ -177,13 +177,16 @@ def faster_than_xla(part: str, hw: int, cin: int, cout: int) -> bool:
   raise ValueError(f"unknown part {part!r}")
 
 
-def _forward(x, k):
+def forward(x, k):
+  """The forward conv alone (not differentiable; `conv3x3` is)."""
   _require()
   out = jax.ShapeDtypeStruct(x.shape[:3] + (k.shape[3],), jnp.float32)
   return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(x, k)
 
 
-def _kernel_grad(x, dy):
+def kernel_grad(x, dy):
+  """``d conv3x3(x, k) / dk`` applied to the output cotangent ``dy`` ->
+  [3, 3, I, O]."""
   _require()
   out = jax.ShapeDtypeStruct((3, 3, x.shape[3], dy.shape[3]), jnp.float32)
   return jax.ffi.ffi_call(_KERNEL_GRAD, out, vmap_method="sequential")(x, dy)
@@ -194,27 +197,17 @@ def conv3x3(x, k):
   """``x [N, H, W, I] * k [3, 3, I, O] -> [N, H, W, O]``: stride 1, padding
   1, float32; equals `lax.conv_general_dilated` up to summation order.
   Builds the kernel on first use; RuntimeError where it cannot be built."""
-  return _forward(x, k)
+  return forward(x, k)
 
 
 def _conv3x3_fwd(x, k):
-  return _forward(x, k), (x, k)
-
-
-def forward(x, k):
-  """The forward conv alone (not differentiable; `conv3x3` is)."""
-  return _forward(x, k)
+  return forward(x, k), (x, k)
 
 
 def input_grad(g, k):
   """``d conv3x3(x, k) / dx`` applied to the output cotangent ``g``: the same
   conv of g with the spatially flipped, in/out-swapped kernel."""
-  return _forward(g, jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2))
-
-
-def kernel_grad(x, g):
-  """``d conv3x3(x, k) / dk`` applied to ``g`` -> [3, 3, I, O]."""
-  return _kernel_grad(x, g)
+  return forward(g, jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2))
 
 
 def _conv3x3_bwd(res, g):
