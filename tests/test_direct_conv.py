@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from jax import lax
 
-from legr_jax.models import direct_conv
+from legr_jax.models import cpu_kernels, direct_conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 
 pytestmark = pytest.mark.skipif(
-    direct_conv._compiler() is None, reason="no C++ compiler on this machine")
+    cpu_kernels.compiler() is None, reason="no C++ compiler on this machine")
 
 
 def _ref(x, k):
@@ -87,10 +87,10 @@ def test_applies_only_to_3x3_stride_1_padding_1_float32():
 
 def test_build_is_cached_and_failures_are_reported(tmp_path, monkeypatch):
   monkeypatch.setenv("LEGR_KERNEL_CACHE", str(tmp_path / "cache"))
-  path = direct_conv.build()
+  path = cpu_kernels.build()
   assert path.parent == tmp_path / "cache" and path.exists()
   mtime = path.stat().st_mtime_ns
-  assert direct_conv.build() == path and path.stat().st_mtime_ns == mtime
+  assert cpu_kernels.build() == path and path.stat().st_mtime_ns == mtime
   # a compiler that fails: a clear error, nothing half-written in the cache
   bad = tmp_path / "bad-cxx"
   bad.write_text("#!/bin/sh\necho 'cc: fatal error: out of cheese' >&2\n"
@@ -98,7 +98,7 @@ def test_build_is_cached_and_failures_are_reported(tmp_path, monkeypatch):
   bad.chmod(0o755)
   monkeypatch.setenv("LEGR_KERNEL_CACHE", str(tmp_path / "other"))
   with pytest.raises(RuntimeError, match="out of cheese"):
-    direct_conv.build(str(bad))
+    cpu_kernels.build(str(bad))
   assert list((tmp_path / "other").iterdir()) == []
 
 

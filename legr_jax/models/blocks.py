@@ -212,7 +212,8 @@ class ConvBN(nn.Module):
                     else conv_packing.conv_fn(ctx.conv_lanes)),
                 name="conv")(x)
     y = batchnorm.BatchNorm(use_running_average=not train, momentum=0.9,
-                            epsilon=1e-5, dtype=self.dtype, name="bn")(y)
+                            epsilon=1e-5, dtype=self.dtype,
+                            cpu_kernel=ctx.conv_lanes > 0, name="bn")(y)
     m = ctx.mask(site)
     if m is not None:
       y = y * m.astype(y.dtype)

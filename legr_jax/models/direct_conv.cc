@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "ffi_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -248,44 +249,9 @@ void wgrad(const float* x, const float* dy, float* part, int64_t n0,
   });
 }
 
-// Runs task(i) for i in [0, tasks) on XLA's intra-op thread pool (inline
-// when it has no threads) and then `done()` on the thread that finished
-// last; the returned future completes after `done`.
-template <typename Task, typename Done>
-ffi::Future run_parallel(ffi::ThreadPool& pool, int64_t tasks, Task task,
-                         Done done) {
-  ffi::CountDownPromise promise(tasks);
-  ffi::Future future(promise);
-  auto remaining = std::make_shared<std::atomic<int64_t>>(tasks);
-  auto shared_task = std::make_shared<Task>(std::move(task));
-  auto shared_done = std::make_shared<Done>(std::move(done));
-  auto run = [=](int64_t i) mutable {
-    (*shared_task)(i);
-    if (remaining->fetch_sub(1, std::memory_order_acq_rel) == 1)
-      (*shared_done)();
-    promise.CountDown();
-  };
-  if (pool.num_threads() <= 1) {
-    for (int64_t i = 0; i < tasks; ++i) run(i);
-  } else {
-    for (int64_t i = 1; i < tasks; ++i)
-      pool.Schedule([run, i]() mutable { run(i); });
-    run(0);
-  }
-  return future;
-}
-
-int64_t task_count(ffi::ThreadPool& pool, int64_t images) {
-  return std::max<int64_t>(1, std::min<int64_t>(
-      std::max<int64_t>(1, pool.num_threads()), images));
-}
-
-ffi::Future failed(const std::string& message) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  promise.SetError(ffi::Error(ffi::ErrorCode::kInvalidArgument, message));
-  return future;
-}
+using legr::failed;
+using legr::run_parallel;
+using legr::task_count;
 
 ffi::Future ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::F32> k,

@@ -26,119 +26,27 @@ kernels stay).
 
 Scope: 2-D NHWC/HWIO, 3x3 kernel, stride 1, padding 1, no dilation or
 groups, float32 — the bulk of CIFAR ResNets. Everything else stays XLA's.
-The kernel is compiled on first use with the C++ compiler (``CXX``, else
-``g++``/``c++``) for the host CPU (``-march=native``) and cached under
-``LEGR_KERNEL_CACHE`` (default ``~/.cache/legr_jax/kernels``), keyed by the
-source, the JAX version, the compiler and the CPU's flags. No compiler, a
-failed build or ``LEGR_DIRECT_CONV=0``: XLA's convolutions are used (one
-warning says why). First-order gradients only.
+The kernel is compiled on first use (`cpu_kernels`: g++ for the host CPU,
+cached). No compiler, a failed build or ``LEGR_DIRECT_CONV=0``: XLA's
+convolutions are used (one warning says why). First-order gradients only.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
-
 import jax
 import jax.numpy as jnp
 
-SOURCE = pathlib.Path(__file__).with_name("direct_conv.cc")
+from legr_jax.models import cpu_kernels
+
 _FORWARD = "legr_direct_conv3x3_forward"
 _KERNEL_GRAD = "legr_direct_conv3x3_kernel_grad"
 
 
-def cache_dir() -> pathlib.Path:
-  env = os.environ.get("LEGR_KERNEL_CACHE")
-  if env:
-    return pathlib.Path(env)
-  return pathlib.Path.home() / ".cache" / "legr_jax" / "kernels"
-
-
-def _compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "g++", "c++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
-
-
-def _cpu_flags() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return line
-  except OSError:
-    pass
-  return platform.processor()
-
-
-def build(cxx: str | None = None) -> pathlib.Path:
-  """Compiles `direct_conv.cc` (or reuses the cached build); returns the
-  shared library's path. Raises RuntimeError with the compiler's output."""
-  cxx = cxx or _compiler()
-  if cxx is None:
-    raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-  version = subprocess.run([cxx, "--version"], capture_output=True,
-                           text=True).stdout
-  flags = ["-O3", "-march=native", "-shared", "-fPIC",
-           "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}"]
-  key = hashlib.sha256("\0".join(
-      [SOURCE.read_text(), jax.__version__, version, " ".join(flags),
-       platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-  target = cache_dir() / f"direct_conv-{key}.so"
-  if target.exists():
-    return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  # Build beside the target, then rename: concurrent builders never see a
-  # half-written library.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-  os.close(fd)
-  try:
-    proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-      raise RuntimeError(f"building {SOURCE.name} failed:\n{proc.stderr}")
-    os.replace(tmp, target)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return target
-
-
-@functools.lru_cache(maxsize=None)
-def _load() -> str | None:
-  """Builds and registers the kernels once; None if that worked, else why."""
-  try:
-    lib = ctypes.cdll.LoadLibrary(str(build()))
-    jax.ffi.register_ffi_target(
-        _FORWARD, jax.ffi.pycapsule(lib.LegrConv3x3Forward), platform="cpu")
-    jax.ffi.register_ffi_target(
-        _KERNEL_GRAD, jax.ffi.pycapsule(lib.LegrConv3x3KernelGrad),
-        platform="cpu")
-  except Exception as e:  # pylint: disable=broad-except
-    # Any failure (compiler, loader, FFI registration) falls back to XLA.
-    logging.warning("legr_jax: direct 3x3 convs unavailable, XLA's convs are "
-                    "used instead (%s)", e)
-    return str(e)
-  return None
-
-
 def available() -> bool:
   """True when the kernels may be used: CPU backend, ``LEGR_DIRECT_CONV`` not
-  0, and the kernel built and registered (built on the first call)."""
-  if os.environ.get("LEGR_DIRECT_CONV", "1") == "0":
-    return False
-  if jax.default_backend() != "cpu":
-    return False
-  return _load() is None
+  0, and the kernels built and registered (`cpu_kernels`; built on the first
+  call)."""
+  return cpu_kernels.available("LEGR_DIRECT_CONV")
 
 
 def applies(lhs, rhs, window_strides, padding) -> bool:
@@ -149,13 +57,6 @@ def applies(lhs, rhs, window_strides, padding) -> bool:
           and tuple(tuple(p) for p in padding) == ((1, 1), (1, 1))
           and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
           and lhs.shape[1] >= 1 and lhs.shape[2] >= 1)
-
-
-def _require():
-  why = _load()
-  if why is not None:
-    raise RuntimeError(f"legr_jax direct conv kernel unavailable: {why}; use "
-                       "lax.conv_general_dilated (or check available())")
 
 
 def faster_than_xla(part: str, hw: int, cin: int, cout: int) -> bool:
@@ -179,7 +80,7 @@ def faster_than_xla(part: str, hw: int, cin: int, cout: int) -> bool:
 
 def forward(x, k):
   """The forward conv alone (not differentiable; `conv3x3` is)."""
-  _require()
+  cpu_kernels.require("direct conv")
   out = jax.ShapeDtypeStruct(x.shape[:3] + (k.shape[3],), jnp.float32)
   return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(x, k)
 
@@ -187,7 +88,7 @@ def forward(x, k):
 def kernel_grad(x, dy):
   """``d conv3x3(x, k) / dk`` applied to the output cotangent ``dy`` ->
   [3, 3, I, O]."""
-  _require()
+  cpu_kernels.require("direct conv")
   out = jax.ShapeDtypeStruct((3, 3, x.shape[3], dy.shape[3]), jnp.float32)
   return jax.ffi.ffi_call(_KERNEL_GRAD, out, vmap_method="sequential")(x, dy)
 
