@@ -151,7 +151,7 @@ def slice_network(net: PrunableNet, variables, masks):
   config["widths"] = {**config.get("widths", {}), **widths}
   config["index_maps"] = {**config.get("index_maps", {}), **index_maps}
   small_net = from_config(config)
-  expected = jax.eval_shape(small_net.init, jax.random.key(0))
+  expected = small_net.variable_shapes
   got = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape,
                                                               a.dtype),
                                small_variables)

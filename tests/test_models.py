@@ -206,3 +206,12 @@ def test_shapes_follow_input_shape():
   a = models.get("resnet20", input_shape=(16, 16, 3)).spec
   b = models.get("resnet20").spec
   assert a.conv("stem").out_hw == (16, 16) and b.conv("stem").out_hw == (32, 32)
+
+
+@pytest.mark.parametrize("model_name", ["resnet20", "mobilenetv2", "vgg16"])
+def test_variable_shapes_are_what_init_returns(model_name):
+  net = models.get(model_name)
+  got = jax.tree.map(lambda a: (a.shape, a.dtype), net.variable_shapes)
+  want = jax.tree.map(lambda a: (a.shape, a.dtype),
+                      jax.eval_shape(net.init, jax.random.key(0)))
+  assert got == want

@@ -44,6 +44,7 @@ class PrunableNet:
       enough to rebuild the network with `from_config`.
     module: the Flax module, called as ``module(x, ctx, train)``.
     spec: the `NetSpec` (groups, wiring, spatial sizes) of this network.
+    variable_shapes: what `init` returns, as `jax.ShapeDtypeStruct` leaves.
     conv_lanes: output packing of narrow convs (`conv_packing`), a compute
       layout choice that leaves results unchanged; default
       `conv_packing.default_lanes()` (16 on AVX-512 CPUs, else 0 = off).
@@ -76,10 +77,11 @@ class PrunableNet:
   def _derive_spec(self) -> NetSpec:
     rec = blocks.Recorder()
     x = jax.ShapeDtypeStruct((1,) + self.input_shape, jnp.float32)
-    jax.eval_shape(
+    # The same trace gives the variables' shapes (`variable_shapes`).
+    self.variable_shapes = dict(jax.eval_shape(
         lambda x: self.module.init(jax.random.key(0), x,
                                    self._context(recorder=rec), train=False),
-        x)
+        x))
     return spec_from_record(rec, self.input_shape)
 
   def init(self, rng) -> dict:

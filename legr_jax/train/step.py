@@ -58,9 +58,10 @@ def init_train_state(net, rng: jax.Array,
   if variables is None:
     variables = net.init(init_rng)
   params = variables["params"]
+  # one compiled init instead of an eager op (and its compile) per leaf
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
-                    opt_state=optimizer.init(params), rng=rng)
+                    opt_state=jax.jit(optimizer.init)(params), rng=rng)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,
