@@ -35,10 +35,11 @@ Two interchangeable backends compute the same losses (to float tolerance):
 the 2-core CPU (ResNet-56, 1,000 images, 47% FLOPs, tau_hat = 0, seconds per
 fresh candidate, benchmarks/bench_search.py): sliced K=4 on 2 worker threads
 with bucket 4 1.36, K=1 bucket 4 1.41, K=4 exact widths 1.63; masked K=4
-3.38 (before convs were kept off YNNPACK). tau_hat = 200, sliced K=1: 172 s
-per candidate, nearly all in the SGD steps (0.71-0.78 s each, with packed
-forward/input-gradient convs and `models.batchnorm`; 71% of the step's op
-time is convolutions, XLA's kernel gradients and their transposes included).
+3.38 (before convs were kept off YNNPACK). tau_hat = 200, sliced K=1:
+108 s per candidate, nearly all in the SGD steps (0.475 s each, with the
+C++ 3x3 convs of `models.direct_conv` and BatchNorm sums of
+`models.channel_sums`), plus ~8 s compiling the candidate's step; K=2 on 2
+worker threads: 105 s.
 
 Both backends memoize losses by a digest of the candidate's masks (the loss
 is a pure function of the masks): in a search, most children prune exactly
