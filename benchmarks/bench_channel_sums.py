@@ -1,0 +1,73 @@
+"""Milliseconds per training-mode BatchNorm (forward + backward): XLA:CPU's
+reductions (`batchnorm.column_sums`) vs the one-pass C++ sums
+(`channel_sums`), 128 images, widths of a 47%-FLOPs ResNet-56 candidate.
+
+  python benchmarks/bench_channel_sums.py [--batch 128] [--repeats 21]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from legr_jax import compile_options, malloc_tuning  # noqa: E402
+from legr_jax.models import batchnorm, channel_sums  # noqa: E402
+
+# (spatial, channels)
+SHAPES = [(32, 16), (32, 7), (32, 2), (16, 32), (16, 12), (8, 64), (8, 46)]
+
+
+def _median_ms(fn, *args, repeats):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return 1e3 * float(np.median(times))
+
+
+def _bn_step(kernel: bool):
+  def f(x, scale, bias, g):
+    y, vjp = jax.vjp(lambda x, s, b: batchnorm.batch_norm_train(
+        x, s, b, 1e-5, kernel)[0], x, scale, bias)
+    return y, vjp(g)
+  return jax.jit(f, compiler_options=compile_options.CPU)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=21)
+  args = p.parse_args()
+  malloc_tuning.retain_freed_memory()
+  if not channel_sums.available():
+    sys.exit("the channel-sum kernels are unavailable here (see the warning)")
+  print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores, batch "
+        f"{args.batch}; BatchNorm forward + backward, ms (median of "
+        f"{args.repeats})")
+  print(f"{'shape':>12} {'XLA':>8} {'C++ sums':>9}")
+  totals = np.zeros(2)
+  rng = np.random.default_rng(0)
+  for hw, c in SHAPES:
+    shape = (args.batch, hw, hw, c)
+    x = jnp.asarray(rng.normal(size=shape) * 2 + 1, jnp.float32)
+    g = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    scale, bias = jnp.ones(c), jnp.zeros(c)
+    row = [_median_ms(_bn_step(k), x, scale, bias, g, repeats=args.repeats)
+           for k in (False, True)]
+    totals += row
+    print(f"{hw:>5}x{hw:<3}{c:>3} {row[0]:8.2f} {row[1]:9.2f}")
+  print(f"{'sum':>12} {totals[0]:8.2f} {totals[1]:9.2f}")
+
+
+if __name__ == "__main__":
+  main()
