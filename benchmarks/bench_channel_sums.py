@@ -10,29 +10,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 from legr_jax import compile_options, malloc_tuning  # noqa: E402
 from legr_jax.models import batchnorm, channel_sums  # noqa: E402
 
 # (spatial, channels)
 SHAPES = [(32, 16), (32, 7), (32, 2), (16, 32), (16, 12), (8, 64), (8, 46)]
-
-
-def _median_ms(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
 
 
 def _bn_step(kernel: bool):
@@ -62,7 +52,7 @@ def main():
     x = jnp.asarray(rng.normal(size=shape) * 2 + 1, jnp.float32)
     g = jnp.asarray(rng.normal(size=shape), jnp.float32)
     scale, bias = jnp.ones(c), jnp.zeros(c)
-    row = [_median_ms(_bn_step(k), x, scale, bias, g, repeats=args.repeats)
+    row = [median_ms(_bn_step(k), x, scale, bias, g, repeats=args.repeats)
            for k in (False, True)]
     totals += row
     print(f"{hw:>5}x{hw:<3}{c:>3} {row[0]:8.2f} {row[1]:9.2f}")

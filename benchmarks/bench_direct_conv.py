@@ -12,13 +12,13 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 from legr_jax import malloc_tuning  # noqa: E402
 from legr_jax import compile_options  # noqa: E402
@@ -31,16 +31,6 @@ SAME = ((1, 1), (1, 1))
 SHAPES = [(32, 16, 16), (32, 16, 7), (32, 16, 4), (32, 16, 2), (32, 4, 16),
           (32, 3, 16), (16, 32, 32), (16, 32, 31), (16, 31, 32),
           (8, 64, 64), (8, 64, 46), (8, 46, 64)]
-
-
-def _median_ms(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
 
 
 @contextlib.contextmanager
@@ -96,9 +86,9 @@ def main():
     g = jnp.asarray(rng.normal(size=(args.batch, hw, hw, cout)), jnp.float32)
     row = []
     for i, (a, b) in enumerate(zip(xla, direct)):
-      ta = _median_ms(a, *((x, k) if i == 0 else (x, k, g)),
+      ta = median_ms(a, *((x, k) if i == 0 else (x, k, g)),
                       repeats=args.repeats)
-      tb = _median_ms(b, *((x, k) if i == 0 else (x, k, g)),
+      tb = median_ms(b, *((x, k) if i == 0 else (x, k, g)),
                       repeats=args.repeats)
       totals[:, i] += (ta, tb)
       row.append(f"{ta:6.2f} -> {tb:5.2f}")

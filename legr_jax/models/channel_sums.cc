@@ -35,8 +35,9 @@ RowView row_view(ffi::Span<const int64_t> dims) {
 }
 
 // Sums over rows [r0, r1) into part[0, L) (first) and part[L, 2L) (second):
-// first = a, second = a * (b - shift) * scale, with per-lane shift / scale.
-// With b == a, shift 0 and scale 1, second is a * a.
+// first = a; second = a * a, or with kCentered a * (b - shift) * scale
+// (per-lane shift / scale).
+template <bool kCentered>
 void sum_rows(const float* a, const float* b, const float* shift,
               const float* scale, int64_t r0, int64_t r1, int64_t lanes,
               double* part) {
@@ -52,7 +53,7 @@ void sum_rows(const float* a, const float* b, const float* shift,
       for (int64_t j = 0; j < lanes; ++j) {
         const float av = ap[j];
         p1[j] += av;
-        p2[j] += av * ((bp[j] - shift[j]) * scale[j]);
+        p2[j] += kCentered ? av * ((bp[j] - shift[j]) * scale[j]) : av * av;
       }
     }
     for (int64_t j = 0; j < lanes; ++j) {
@@ -63,21 +64,21 @@ void sum_rows(const float* a, const float* b, const float* shift,
 }
 
 // Runs sum_rows over the pool and hands finish() the per-channel double
-// sums [2 * C] (first sums, then second sums).
-template <typename Finish>
+// sums [2 * C] (first sums, then second sums). shift_scale: the per-lane
+// shifts then scales (2 * L floats) when kCentered, else empty.
+template <bool kCentered, typename Finish>
 ffi::Future channel_sums(ffi::ThreadPool& pool, const RowView& v,
                          const float* a, const float* b,
-                         std::vector<float> shift, std::vector<float> scale,
-                         Finish finish) {
+                         std::vector<float> shift_scale, Finish finish) {
   const int64_t tasks = legr::task_count(pool, v.rows / kBlockRows);
   auto parts = std::make_shared<std::vector<std::vector<double>>>(
       tasks, std::vector<double>(2 * v.lanes, 0.0));
-  auto per_lane = std::make_shared<std::vector<float>>(std::move(shift));
-  per_lane->insert(per_lane->end(), scale.begin(), scale.end());
+  auto per_lane = std::make_shared<std::vector<float>>(std::move(shift_scale));
   return legr::run_parallel(pool, tasks, [=](int64_t t) {
-    sum_rows(a, b, per_lane->data(), per_lane->data() + v.lanes,
-             v.rows * t / tasks, v.rows * (t + 1) / tasks, v.lanes,
-             (*parts)[t].data());
+    const float* shift = per_lane->data();
+    sum_rows<kCentered>(a, b, shift, kCentered ? shift + v.lanes : nullptr,
+                        v.rows * t / tasks, v.rows * (t + 1) / tasks,
+                        v.lanes, (*parts)[t].data());
   }, [=] {
     std::vector<double> sums(2 * v.channels, 0.0);
     for (int64_t k = 0; k < 2; ++k)
@@ -88,9 +89,14 @@ ffi::Future channel_sums(ffi::ThreadPool& pool, const RowView& v,
   });
 }
 
-std::vector<float> tiled(const float* per_channel, const RowView& v) {
-  std::vector<float> out(v.lanes);
-  for (int64_t j = 0; j < v.lanes; ++j) out[j] = per_channel[j % v.channels];
+// [shift tiled over the W lanes of a row, then scale tiled likewise].
+std::vector<float> tiled(const float* shift, const float* scale,
+                         const RowView& v) {
+  std::vector<float> out(2 * v.lanes);
+  for (int64_t j = 0; j < v.lanes; ++j) {
+    out[j] = shift[j % v.channels];
+    out[v.lanes + j] = scale[j % v.channels];
+  }
   return out;
 }
 
@@ -101,9 +107,9 @@ ffi::Future MomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* o = out->typed_data();
   const int64_t c = v.channels;
   const double n = static_cast<double>(v.rows) * (v.lanes / c);
-  return channel_sums(
-      pool, v, x.typed_data(), x.typed_data(), std::vector<float>(v.lanes, 0.f),
-      std::vector<float>(v.lanes, 1.f), [=](const std::vector<double>& s) {
+  return channel_sums<false>(
+      pool, v, x.typed_data(), x.typed_data(), {},
+      [=](const std::vector<double>& s) {
         for (int64_t ch = 0; ch < c; ++ch) {
           const double mean = s[ch] / n;
           o[ch] = static_cast<float>(mean);
@@ -127,9 +133,10 @@ ffi::Future CenteredSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   if (v.rows == 0) return legr::failed("legr centered sums: empty input");
   float* o = out->typed_data();
   const int64_t c = v.channels;
-  return channel_sums(
-      pool, v, dy.typed_data(), x.typed_data(), tiled(mean.typed_data(), v),
-      tiled(inv.typed_data(), v), [=](const std::vector<double>& s) {
+  return channel_sums<true>(
+      pool, v, dy.typed_data(), x.typed_data(),
+      tiled(mean.typed_data(), inv.typed_data(), v),
+      [=](const std::vector<double>& s) {
         for (int64_t i = 0; i < 2 * c; ++i) o[i] = static_cast<float>(s[i]);
       });
 }

@@ -72,11 +72,13 @@ def build(cxx: str | None = None) -> pathlib.Path:
     raise RuntimeError("no C++ compiler found (set CXX or install g++)")
   version = subprocess.run([cxx, "--version"], capture_output=True,
                            text=True).stdout
-  flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w",
-           f"-I{_HERE}", f"-I{jax.ffi.include_dir()}"]
+  flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w"]
+  # Include paths stay out of the key (the headers' content is in it via
+  # the sources and the JAX version), so every checkout shares one build.
+  includes = [f"-I{_HERE}", f"-I{jax.ffi.include_dir()}"]
   key = hashlib.sha256("\0".join(
       [p.read_text() for p in SOURCES + HEADERS]
-      + [jax.__version__, version, " ".join(flags[:-2]), platform.machine(),
+      + [jax.__version__, version, " ".join(flags), platform.machine(),
          _cpu_flags()]).encode()).hexdigest()[:16]
   target = cache_dir() / f"legr_kernels-{key}.so"
   if target.exists():
@@ -87,7 +89,8 @@ def build(cxx: str | None = None) -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
   try:
-    proc = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", tmp],
+    proc = subprocess.run([cxx, *flags, *includes, *map(str, SOURCES), "-o",
+                           tmp],
                           capture_output=True, text=True)
     if proc.returncode != 0:
       raise RuntimeError(f"building legr_jax's C++ kernels failed:\n"

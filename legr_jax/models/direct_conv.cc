@@ -2,7 +2,6 @@
 // vectorized along the flattened, zero-padded image rows (see
 // legr_jax/models/direct_conv.py for why, how it is built and used).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
