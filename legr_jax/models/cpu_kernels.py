@@ -1,7 +1,8 @@
 """Building and loading legr_jax's C++ kernels for XLA:CPU (XLA FFI).
 
 The kernels (`direct_conv.cc`: 3x3 convolutions; `channel_sums.cc`:
-BatchNorm's per-channel sums; shared `ffi_tasks.h`) are compiled together
+BatchNorm's per-channel sums; `../train/sgd_update.cc`: the SGD update of
+every parameter in one call; shared `ffi_tasks.h`) are compiled together
 into one shared library on first use with the C++ compiler (``CXX``, else
 ``g++``/``c++``) for the host CPU (``-march=native``) and cached under
 ``LEGR_KERNEL_CACHE`` (default ``~/.cache/legr_jax/kernels``), keyed by the
@@ -27,7 +28,8 @@ import tempfile
 import jax
 
 _HERE = pathlib.Path(__file__).parent
-SOURCES = (_HERE / "direct_conv.cc", _HERE / "channel_sums.cc")
+SOURCES = (_HERE / "direct_conv.cc", _HERE / "channel_sums.cc",
+           _HERE.parent / "train" / "sgd_update.cc")
 HEADERS = (_HERE / "ffi_tasks.h",)
 # FFI target name -> exported handler symbol
 TARGETS = {
@@ -35,6 +37,7 @@ TARGETS = {
     "legr_direct_conv3x3_kernel_grad": "LegrConv3x3KernelGrad",
     "legr_channel_moments": "LegrChannelMoments",
     "legr_centered_sums": "LegrCenteredSums",
+    "legr_sgd_update": "LegrSgdUpdate",
 }
 
 

@@ -83,6 +83,33 @@ def _cast(tree: PyTree, dtype) -> PyTree:
       else a, tree)
 
 
+def loss_and_grads(net, params, batch_stats, batch: dict, masks: dict | None,
+                   *, label_smoothing: float = 0.0,
+                   compute_dtype: str = "float32"):
+  """Mean training loss (BatchNorm in training mode) and its gradient.
+
+  Returns ``(loss, logits, new_batch_stats, grads)``: float32 scalar, [B, K]
+  logits, the updated running statistics (dtypes of ``batch_stats``) and
+  gradients shaped like ``params``. Arguments as in `train_step`.
+  """
+  images, labels = batch["image"], batch["label"]
+  chex.assert_rank(images, 4)
+  dtype = COMPUTE_DTYPES[compute_dtype]
+
+  def loss_fn(params):
+    variables = {"params": _cast(params, dtype), "batch_stats": batch_stats}
+    logits, new_stats = net.apply(variables, images.astype(dtype), masks,
+                                  train=True)
+    loss = cross_entropy(logits, labels, label_smoothing).mean()
+    return loss, (logits, new_stats)
+
+  (loss, (logits, new_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(params)
+  new_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), new_stats,
+                           batch_stats)
+  return loss, logits, new_stats, grads
+
+
 def train_step(net, optimizer: optax.GradientTransformation,
                state: TrainState, batch: dict, masks: dict | None, *,
                label_smoothing: float = 0.0,
@@ -104,24 +131,12 @@ def train_step(net, optimizer: optax.GradientTransformation,
     (new_state, {'loss': mean training loss, 'accuracy': top-1 accuracy}),
     both float32 scalars measured before the update.
   """
-  images, labels = batch["image"], batch["label"]
-  chex.assert_rank(images, 4)
-  dtype = COMPUTE_DTYPES[compute_dtype]
-
-  def loss_fn(params):
-    variables = {"params": _cast(params, dtype),
-                 "batch_stats": state.batch_stats}
-    logits, new_stats = net.apply(variables, images.astype(dtype), masks,
-                                  train=True)
-    loss = cross_entropy(logits, labels, label_smoothing).mean()
-    return loss, (logits, new_stats)
-
-  (loss, (logits, new_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  labels = batch["label"]
+  loss, logits, new_stats, grads = loss_and_grads(
+      net, state.params, state.batch_stats, batch, masks,
+      label_smoothing=label_smoothing, compute_dtype=compute_dtype)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), new_stats,
-                           state.batch_stats)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   rng, _ = jax.random.split(state.rng)
   new_state = state.replace(step=state.step + 1, params=params,

@@ -1,0 +1,88 @@
+"""SGD with momentum and coupled weight decay as one pure function over
+parameter pytrees, with every array updated in one C++ call on XLA:CPU.
+
+Why: in a compiled training step the optax update of `optim.make_optimizer`
+becomes ~2-3 small XLA fusions per parameter array (~450 for ResNet-56),
+each a kernel XLA:CPU generates code for at every compile and a thunk it
+runs at every step. The tau_hat search compiles one step per candidate
+(`search.fitness.sliced_sgd`), so that code generation is paid per
+candidate. One FFI call (`sgd_update.cc`, variadic, results aliased with the
+parameters and the trace) replaces them.
+
+The maths is `optim.make_optimizer`'s (optax ``add_decayed_weights`` then
+``sgd`` with momentum, no Nesterov) in the same order::
+
+    u = g + weight_decay * p;  v = u + momentum * v;  p = p + (-lr) * v
+
+with multiply-adds contracted to FMA as XLA:CPU contracts them, so the
+kernel's results equal optax's bit for bit (tests/test_sgd_update.py).
+``LEGR_SGD_KERNEL=0`` (or no kernel: no compiler, not CPU) uses the same
+formula in jax.numpy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from legr_jax.models import cpu_kernels
+
+_TARGET = "legr_sgd_update"
+
+
+def available() -> bool:
+  """CPU backend, ``LEGR_SGD_KERNEL`` not 0, and the kernels built."""
+  return cpu_kernels.available("LEGR_SGD_KERNEL")
+
+
+def sgd_update(params, grads, trace, *, lr: float, momentum: float,
+               weight_decay: float, cpu_kernel: bool | None = None):
+  """One step: ``(params, trace) -> (new params, new trace)``.
+
+  Args:
+    params, grads, trace: pytrees of the same structure and float32 leaves of
+      the same shapes (``trace``: the momentum buffer, zeros at the start).
+    lr, momentum, weight_decay: Python floats (compile-time constants).
+    cpu_kernel: use the C++ kernel (default: `available`).
+  Returns:
+    ``(params, trace)`` with the structure of the inputs.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  g_leaves = treedef.flatten_up_to(grads)
+  v_leaves = treedef.flatten_up_to(trace)
+  for p, g, v in zip(leaves, g_leaves, v_leaves):
+    if not (p.shape == g.shape == v.shape):
+      raise ValueError(f"sgd_update: shapes differ: param {p.shape}, grad "
+                       f"{g.shape}, trace {v.shape}")
+  if cpu_kernel is None:
+    cpu_kernel = available()
+  use_kernel = (cpu_kernel and leaves and
+                all(x.dtype == jnp.float32
+                    for x in leaves + g_leaves + v_leaves))
+  if use_kernel:
+    cpu_kernels.require("SGD update")
+    n = len(leaves)
+    out_types = [jax.ShapeDtypeStruct(p.shape, jnp.float32)
+                 for p in leaves] * 2
+    aliases = {i: i for i in range(n)}
+    aliases.update({2 * n + i: n + i for i in range(n)})
+    outs = jax.ffi.ffi_call(_TARGET, out_types,
+                            input_output_aliases=aliases,
+                            vmap_method="sequential")(
+                                *leaves, *g_leaves, *v_leaves,
+                                lr=np.float32(lr),
+                                momentum=np.float32(momentum),
+                                weight_decay=np.float32(weight_decay))
+    new_p, new_v = outs[:n], outs[n:]
+  else:
+    new_p, new_v = [], []
+    for p, g, v in zip(leaves, g_leaves, v_leaves):
+      u = g + weight_decay * p
+      v = u + momentum * v
+      new_v.append(v)
+      new_p.append(p + (-lr) * v)
+  return treedef.unflatten(new_p), treedef.unflatten(new_v)
+
+
+__all__ = ["available", "sgd_update"]
