@@ -363,6 +363,29 @@ def test_fitness_with_tau_hat_agrees_across_backends_and_beats_no_training(
   assert np.all(losses["sliced"] < untrained), (losses, untrained)
 
 
+def test_evaluators_share_compiled_validation_blocks(rgb_npz):
+  ds = _dataset(rgb_npz, 40)
+  net = models.get("cnn_small", num_classes=ds.num_classes,
+                   input_shape=(8, 8, 3))
+  v = perturbed_variables(net, 3)
+  cfg = fitness.FitnessConfig(flops=0.5, eval_batch_size=40)
+  st = evolution.init_state(0, fitness.layer_norm_std(net, v), 8)
+  alpha, kappa, _ = evolution.propose(st, CFG, 3)
+  data_ = fitness.prepare_data(ds, cfg)
+  executor = blockwise.BlockwiseExecutor()
+  first = fitness.Evaluator(net, v, data_, cfg, backend="sliced",
+                            block_executor=executor)
+  out = first.evaluate(alpha, kappa)["loss"]
+  compiled = executor.num_compiled()
+  assert compiled > 0   # the given executor ran the validation passes
+  second = fitness.Evaluator(net, v, data_, cfg, backend="sliced",
+                             block_executor=executor)
+  np.testing.assert_array_equal(second.evaluate(alpha, kappa)["loss"], out)
+  assert executor.num_compiled() == compiled   # nothing compiled again
+  first.close()
+  second.close()
+
+
 def test_infeasible_candidates_get_infinite_loss(rgb_npz):
   ds = _dataset(rgb_npz, 40)
   net = models.get("cnn_small", num_classes=ds.num_classes,

@@ -35,11 +35,13 @@ Two interchangeable backends compute the same losses (to float tolerance):
 the 2-core CPU (ResNet-56, 1,000 images, 47% FLOPs, tau_hat = 0, seconds per
 fresh candidate, benchmarks/bench_search.py): sliced K=4 on 2 worker threads
 with bucket 4 1.36, K=1 bucket 4 1.41, K=4 exact widths 1.63; masked K=4
-3.38 (before convs were kept off YNNPACK). tau_hat = 200, sliced K=1:
-108 s per candidate, nearly all in the SGD steps (0.475 s each, with the
-C++ 3x3 convs of `models.direct_conv` and BatchNorm sums of
-`models.channel_sums`), plus ~8 s compiling the candidate's step; K=2 on 2
-worker threads: 105 s.
+3.38 (before convs were kept off YNNPACK). tau_hat = 200, sliced K=1, in
+a long search's steady state (compiled validation blocks; bench_search's
+--warm_validation): 93 s per candidate (median of 4), nearly all in the SGD
+steps (0.437 s each, with the C++ 3x3 convs of `models.direct_conv`,
+BatchNorm sums of `models.channel_sums` and the one-call update of
+`train.sgd_update`), plus 4.6 s compiling the candidate's step, 0.5 s
+slicing and 1.4 s validating; K=2 on 2 worker threads: 96 s.
 
 Both backends memoize losses by a digest of the candidate's masks (the loss
 is a pure function of the masks): in a search, most children prune exactly
@@ -276,12 +278,16 @@ class Evaluator:
       elsewhere); {} for XLA's defaults.
     memo: memoize losses by mask digest (see `evaluate`); ``cache`` (digest
       -> loss) may be pre-filled, e.g. from a resumed search's log.
+    block_executor: 'sliced': the `BlockwiseExecutor` of the validation
+      passes, whose compiled blocks may be shared with other evaluators of
+      the same network (default: a new one with these compiler options).
   """
 
   def __init__(self, net, variables, data: FitnessData, config: FitnessConfig,
                *, backend: str = "auto", devices=None, bucket: int = 4,
                workers: int | None = None,
-               compiler_options: dict | None = None, memo: bool = True):
+               compiler_options: dict | None = None, memo: bool = True,
+               block_executor: BlockwiseExecutor | None = None):
     if backend not in BACKENDS:
       raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     self.net, self.config = net, config
@@ -309,7 +315,7 @@ class Evaluator:
     self.cache: dict[str, float] = {}   # mask digest -> loss
     self._masks_fn = jax.jit(jax.vmap(functools.partial(
         candidate_masks, spec, self.norms, config=config)))
-    self._executor = BlockwiseExecutor(
+    self._executor = block_executor or BlockwiseExecutor(
         self.compiler_options,
         conv_lanes=conv_packing.lanes_for(self.compiler_options))
     self._per_device: dict = {}
