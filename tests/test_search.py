@@ -262,6 +262,35 @@ def test_fast_slicing_matches_surgery(name):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["resnet20", "vgg16", "mobilenetv2"])
+@pytest.mark.parametrize("twice", [False, True])
+def test_sliced_net_equals_surgery_network(name, twice):
+  net = models.get(name, num_classes=10, input_shape=(8, 8, 3))
+  v = jax.device_get(perturbed_variables(net, 0))
+  if twice:   # a base network that is itself sliced
+    net, v = surgery.slice_network(
+        net, v, {k: np.asarray(m) for k, m in random_masks(net.spec, 5).items()})
+    v = jax.device_get(v)
+  masks = {k: np.asarray(m) for k, m in random_masks(net.spec, 2).items()}
+  small, sv = surgery.slice_network(net, v, masks)
+  widths, index_maps, fast = search.slicing.slice_candidate(net.spec, v,
+                                                            masks)
+  sliced = search.slicing.SlicedNet(net, widths, index_maps, conv_lanes=0)
+  small.conv_lanes = 0
+  x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype(np.float32)
+  ours = jax.jit(sliced.apply, static_argnames="train")
+  theirs = jax.jit(small.apply, static_argnames="train")
+  np.testing.assert_allclose(ours(fast, x), theirs(sv, x), rtol=1e-5,
+                             atol=1e-5)
+  got, got_stats = ours(fast, x, train=True)
+  want, want_stats = theirs(sv, x, train=True)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_stats), jax.tree.leaves(want_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="no masks"):
+    sliced.apply(fast, x, masks)
+
+
 def test_bucket_masks_round_up_and_keep_a_superset():
   net = models.get("resnet20", num_classes=10, input_shape=(8, 8, 3))
   masks = {k: np.asarray(v) for k, v in random_masks(net.spec, 3).items()}

@@ -559,13 +559,15 @@ def sgd_step(net, config: FitnessConfig, state: step_lib.TrainState, x, y,
 
 def sliced_sgd(net, variables, masks, config: FitnessConfig, *,
                compiler_options: dict | None, conv_lanes: int):
-  """``net`` physically sliced to 0/1 ``masks``, ready for the tau_hat steps:
-  ``(state, step)``, the train state of the sliced network (zero momentum
+  """``net`` physically sliced to 0/1 ``masks`` (`slicing.SlicedNet`), ready
+  for the tau_hat steps: ``(state, step)``, the train state of the sliced network (zero momentum
   trace as its ``opt_state``) and its jitted `sgd_step` (``step(state, x, y,
   mean, inv_std) -> state``; the state is donated), convs packed to
   ``conv_lanes``."""
-  small, small_vars = surgery.slice_network(net, variables, masks)
-  small.conv_lanes = conv_lanes
+  widths, index_maps, small_vars = slicing.slice_candidate(
+      net.spec, jax.device_get(variables), masks)
+  small = slicing.SlicedNet(net, widths, index_maps, conv_lanes)
+  small_vars = jax.tree.map(jnp.asarray, small_vars)
   params = small_vars["params"]
   state = step_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
