@@ -294,8 +294,9 @@ def main():
             f" {r['cpu_over_wall']:.2f}{ratio}", flush=True)
       if r["phases"]:
         ph = r["phases"]
-        print(f"  per candidate (median): slice + init {ph['slice_s']:.2f} s,"
-              f" first step incl. compile {ph['first_step_s']:.2f} s, "
+        print(f"  per candidate (median): slice, init and compile "
+              f"{ph['prepare_s']:.2f} s, first step "
+              f"{ph['first_step_s']:.2f} s, "
               f"{ph['steps']:.0f} more steps {ph['steps_s']:.1f} s "
               f"({ph['s_per_step']:.3f} s/step; PyTorch 0.50), evaluation "
               f"{ph['eval_s']:.2f} s", flush=True)

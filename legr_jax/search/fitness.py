@@ -37,11 +37,13 @@ fresh candidate, benchmarks/bench_search.py): sliced K=4 on 2 worker threads
 with bucket 4 1.36, K=1 bucket 4 1.41, K=4 exact widths 1.63; masked K=4
 3.38 (before convs were kept off YNNPACK). tau_hat = 200, sliced K=1, in
 a long search's steady state (compiled validation blocks; bench_search's
---warm_validation): 93 s per candidate (median of 4), nearly all in the SGD
-steps (0.437 s each, with the C++ 3x3 convs of `models.direct_conv`,
+--warm_validation): 93.6 s per candidate (median of 4), nearly all in the
+SGD steps (0.438 s each, with the C++ 3x3 convs of `models.direct_conv`,
 BatchNorm sums of `models.channel_sums` and the one-call update of
-`train.sgd_update`), plus 4.6 s compiling the candidate's step, 0.5 s
-slicing and 1.4 s validating; K=2 on 2 worker threads: 96 s.
+`train.sgd_update`), plus 4.5 s slicing and compiling the candidate's step
+and 1.4 s validating; K=2 on 2 worker threads: 95.8 s. Compiling the next
+candidate's step on a second thread while one trains (K=2, one worker)
+measured 95.5 s: the compile takes its cycles from the training steps.
 
 Both backends memoize losses by a digest of the candidate's masks (the loss
 is a pure function of the masks): in a search, most children prune exactly
@@ -456,13 +458,7 @@ class Evaluator:
     # back into a full-size copy and evaluated like a tau_hat = 0 candidate
     # (bucketed widths: compiled blocks shared across candidates, instead
     # of new ones for every candidate's exact widths).
-    t0 = time.perf_counter()
-    # packed forward and input-gradient convs, as wide as these options
-    # make pay (conv_packing.lanes_for)
-    state, step = sliced_sgd(net, self.variables, masks_np, cfg,
-                             compiler_options=self.compiler_options,
-                             conv_lanes=self._executor.conv_lanes)
-    state = jax.device_put(state, device)
+    state, step, prepare_s = self._prepare_sgd(masks_np, device)
     mean, inv_std = dd["stats"]
     t1 = time.perf_counter()
     steps = dd["train_steps"]
@@ -477,9 +473,25 @@ class Evaluator:
     loss = self._blockwise_loss(masks_np, trained, dd, device)
     with self._lock:
       self.phase_seconds.append({
-          "slice_s": t1 - t0, "first_step_s": t2 - t1, "steps_s": t3 - t2,
-          "steps": len(steps) - 1, "eval_s": time.perf_counter() - t3})
+          "prepare_s": prepare_s, "first_step_s": t2 - t1,
+          "steps_s": t3 - t2, "steps": len(steps) - 1,
+          "eval_s": time.perf_counter() - t3})
     return loss
+
+  def _prepare_sgd(self, masks_np: dict, device):
+    """The candidate's sliced train state on ``device`` and its compiled SGD
+    step: ``(state, compiled step, seconds taken)``."""
+    t0 = time.perf_counter()
+    # packed forward and input-gradient convs, as wide as these options
+    # make pay (conv_packing.lanes_for)
+    state, step = sliced_sgd(self.net, self.variables, masks_np, self.config,
+                             compiler_options=self.compiler_options,
+                             conv_lanes=self._executor.conv_lanes)
+    state = jax.device_put(state, device)
+    dd = self._device_data(device)
+    x, y = dd["train_steps"][0]
+    compiled = step.lower(state, x, y, *dd["stats"]).compile()
+    return state, compiled, time.perf_counter() - t0
 
   def _blockwise_loss(self, masks_np: dict, variables: dict, dd: dict,
                       device) -> float:
