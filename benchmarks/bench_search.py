@@ -49,6 +49,7 @@ from legr_jax import malloc_tuning  # noqa: E402
 from legr_jax import compile_options, data, models, train  # noqa: E402
 from legr_jax.models import conv_packing  # noqa: E402
 from legr_jax.search import evolution, fitness  # noqa: E402
+from legr_jax.search.blockwise import BlockwiseExecutor  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                       "shared", "data", "cifar10_train_subset.npz")
@@ -84,19 +85,22 @@ def warm_up_sliced(net, variables, fdata0, fdata, fcfg, bucket, alpha,
   t0 = time.perf_counter()
   fcfg0 = fitness.FitnessConfig(flops=fcfg.flops, safeguard=fcfg.safeguard,
                                 eval_batch_size=fcfg.eval_batch_size)
+  options = compile_options.for_devices(jax.devices())
+  executor = BlockwiseExecutor(options,
+                               conv_lanes=conv_packing.lanes_for(options))
   ev0 = fitness.Evaluator(net, variables, fdata0, fcfg0, backend="sliced",
-                          bucket=bucket, workers=1)
+                          bucket=bucket, workers=1, compiler_options=options,
+                          block_executor=executor)
   ev0.evaluate(alpha, kappa)
   masks, _, _ = ev0.masks(alpha[:1], kappa[:1])
   state, step = fitness.sliced_sgd(
       net, ev0.variables, {g: m[0] for g, m in masks.items()}, fcfg,
-      compiler_options=ev0.compiler_options,
-      conv_lanes=ev0._executor.conv_lanes)  # pylint: disable=protected-access
+      compiler_options=options, conv_lanes=executor.conv_lanes)
   jax.block_until_ready(step(state, fdata.train_images[0],
                              fdata.train_labels[0], fdata.mean,
                              fdata.inv_std))
   ev0.close()
-  return ev0._executor, time.perf_counter() - t0  # pylint: disable=protected-access
+  return executor, time.perf_counter() - t0
 
 
 def run_config(net, variables, fdata, fcfg, spec: str, alpha, kappa,

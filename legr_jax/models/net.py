@@ -116,16 +116,23 @@ class PrunableNet:
     if masks is not None:
       self.spec.check_masks(masks)
       site_masks = self.spec.site_masks(masks)
-    ctx = self._context(site_masks)
-    if train:
-      logits, updates = self.module.apply(variables, x, ctx, train=True,
-                                          mutable=["batch_stats"])
-      return logits, updates["batch_stats"]
-    return self.module.apply(variables, x, ctx, train=False)
+    return apply_module(self.module, variables, x, self._context(site_masks),
+                        train)
 
   def __repr__(self):
     return (f"PrunableNet({self.name}, input_shape={self.input_shape}, "
             f"groups={len(self.spec.groups)}, convs={len(self.spec.convs)})")
+
+
+def apply_module(module: nn.Module, variables, x, ctx: blocks.Context,
+                 train: bool):
+  """``module(x, ctx, train)`` with ``variables``: logits in eval mode,
+  ``(logits, new_batch_stats)`` in training mode (see `PrunableNet.apply`)."""
+  if train:
+    logits, updates = module.apply(variables, x, ctx, train=True,
+                                   mutable=["batch_stats"])
+    return logits, updates["batch_stats"]
+  return module.apply(variables, x, ctx, train=False)
 
 
 def from_config(config: dict[str, Any]) -> PrunableNet:

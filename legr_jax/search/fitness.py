@@ -572,20 +572,20 @@ def sgd_step(net, config: FitnessConfig, state: step_lib.TrainState, x, y,
 def sliced_sgd(net, variables, masks, config: FitnessConfig, *,
                compiler_options: dict | None, conv_lanes: int):
   """``net`` physically sliced to 0/1 ``masks`` (`slicing.SlicedNet`), ready
-  for the tau_hat steps: ``(state, step)``, the train state of the sliced network (zero momentum
-  trace as its ``opt_state``) and its jitted `sgd_step` (``step(state, x, y,
-  mean, inv_std) -> state``; the state is donated), convs packed to
-  ``conv_lanes``."""
+  for the tau_hat steps: ``(state, step)``, the train state of the sliced
+  network (zero momentum trace as its ``opt_state``) and its jitted
+  `sgd_step` (``step(state, x, y, mean, inv_std) -> state``; the state is
+  donated), convs packed to ``conv_lanes``."""
   widths, index_maps, small_vars = slicing.slice_candidate(
       net.spec, jax.device_get(variables), masks)
   small = slicing.SlicedNet(net, widths, index_maps, conv_lanes)
-  small_vars = jax.tree.map(jnp.asarray, small_vars)
   params = small_vars["params"]
-  state = step_lib.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
+  # built in numpy and put on the device in one transfer
+  state = jax.device_put(step_lib.TrainState(
+      step=np.zeros((), np.int32), params=params,
       batch_stats=small_vars.get("batch_stats", {}),
-      opt_state=jax.tree.map(jnp.zeros_like, params),
-      rng=jnp.zeros((2,), jnp.uint32))
+      opt_state=jax.tree.map(np.zeros_like, params),
+      rng=np.zeros((2,), np.uint32)))
   step = jax.jit(functools.partial(sgd_step, small, config),
                  compiler_options=compiler_options, donate_argnums=0)
   return state, step

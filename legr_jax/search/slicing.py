@@ -16,6 +16,7 @@ import numpy as np
 
 from legr_jax import surgery
 from legr_jax.models import blocks
+from legr_jax.models import net as net_lib
 
 
 def slice_candidate(spec, variables, keep: dict):
@@ -67,8 +68,4 @@ class SlicedNet:
     self._net.check_input(x)
     ctx = blocks.Context(widths=self._widths, index_maps=self._index_maps,
                          conv_lanes=self.conv_lanes)
-    if train:
-      logits, updates = self.module.apply(variables, x, ctx, train=True,
-                                          mutable=["batch_stats"])
-      return logits, updates["batch_stats"]
-    return self.module.apply(variables, x, ctx, train=False)
+    return net_lib.apply_module(self.module, variables, x, ctx, train)
