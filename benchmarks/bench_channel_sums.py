@@ -2,7 +2,7 @@
 reductions (`batchnorm.column_sums`) vs the one-pass C++ sums
 (`channel_sums`), 128 images, widths of a 47%-FLOPs ResNet-56 candidate.
 
-  python benchmarks/bench_channel_sums.py [--batch 128] [--repeats 21]
+  python -m benchmarks.bench_channel_sums [--batch 128] [--repeats 21]
 """
 
 from __future__ import annotations
@@ -11,15 +11,12 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from benchmarks.timing import median_ms
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from timing import median_ms  # noqa: E402
-
-from legr_jax import compile_options, malloc_tuning  # noqa: E402
-from legr_jax.models import batchnorm, channel_sums  # noqa: E402
+from legr_jax.cpu import batchnorm, compile_options, kernels, malloc_tuning
 
 # (spatial, channels)
 SHAPES = [(32, 16), (32, 7), (32, 2), (16, 32), (16, 12), (8, 64), (8, 46)]
@@ -39,7 +36,7 @@ def main():
   p.add_argument("--repeats", type=int, default=21)
   args = p.parse_args()
   malloc_tuning.retain_freed_memory()
-  if not channel_sums.available():
+  if not kernels.available():
     sys.exit("the channel-sum kernels are unavailable here (see the warning)")
   print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores, batch "
         f"{args.batch}; BatchNorm forward + backward, ms (median of "

@@ -3,26 +3,23 @@ them before `direct_conv`) vs the direct kernel, forward / input gradient /
 kernel gradient, 128 images, shapes of a 47%-FLOPs ResNet-56 candidate.
 `direct_conv.faster_than_xla` is read off this table.
 
-  python benchmarks/bench_direct_conv.py [--batch 128] [--repeats 9]
+  python -m benchmarks.bench_direct_conv [--batch 128] [--repeats 9]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from benchmarks.timing import median_ms
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from timing import median_ms  # noqa: E402
-
-from legr_jax import malloc_tuning  # noqa: E402
-from legr_jax import compile_options  # noqa: E402
-from legr_jax.models import conv_packing, direct_conv  # noqa: E402
+from legr_jax import cpu, provenance
+from legr_jax.cpu import (compile_options, conv_packing, direct_conv, kernels,
+                          malloc_tuning)
 
 DN = ("NHWC", "HWIO", "NHWC")
 SAME = ((1, 1), (1, 1))
@@ -33,29 +30,11 @@ SHAPES = [(32, 16, 16), (32, 16, 7), (32, 16, 4), (32, 16, 2), (32, 4, 16),
           (8, 64, 64), (8, 64, 46), (8, 46, 64)]
 
 
-@contextlib.contextmanager
-def _direct_conv_off():
-  old = os.environ.get("LEGR_DIRECT_CONV")
-  os.environ["LEGR_DIRECT_CONV"] = "0"
-  try:
-    yield
-  finally:
-    if old is None:
-      del os.environ["LEGR_DIRECT_CONV"]
-    else:
-      os.environ["LEGR_DIRECT_CONV"] = old
-
-
-def _programs(conv, direct: bool):
-  """Jitted forward, input gradient and kernel gradient of ``conv``; traced
-  with `direct_conv` off unless ``direct``."""
-  ctx = contextlib.nullcontext if direct else _direct_conv_off
+def _programs(conv):
+  """Jitted forward, input gradient and kernel gradient of ``conv``."""
 
   def traced(fn):
-    def run(*args):
-      with ctx():
-        return fn(*args)
-    return jax.jit(run, compiler_options=compile_options.CPU)
+    return jax.jit(fn, compiler_options=compile_options.CPU)
 
   return (traced(conv),
           traced(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]),
@@ -67,15 +46,23 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--repeats", type=int, default=9)
+  p.add_argument("--lanes", type=int, default=None,
+                 help="output packing of the XLA side (default: "
+                 "legr_jax.cpu.packing_lanes; 0: XLA's plain convs)")
   args = p.parse_args()
-  if not direct_conv.available():
-    sys.exit("direct_conv is not available here (see the warning above)")
-  lanes = conv_packing.lanes_for(compile_options.CPU)
+  if not kernels.available():
+    sys.exit("the C++ kernels are not available here (see the warning "
+             "above)")
+  lanes = (cpu.packing_lanes(compile_options.CPU) if args.lanes is None
+           else args.lanes)
   xla = _programs(lambda x, k: conv_packing.conv_general_dilated_train(
-      x, k, (1, 1), SAME, dimension_numbers=DN, lanes=lanes), direct=False)
-  direct = _programs(direct_conv.conv3x3, direct=True)
-  print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores, batch "
-        f"{args.batch}, packing lanes {lanes}; ms (median of {args.repeats})")
+      x, k, (1, 1), SAME, dimension_numbers=DN, lanes=lanes, direct=False))
+  direct = _programs(direct_conv.conv3x3)
+  prov = provenance.collect()
+  print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores "
+        f"({prov.get('cpu_model')}), XLA ISA {cpu.xla_isa()}, kernels built "
+        f"for {kernels.target_isa()}, batch {args.batch}, packing lanes "
+        f"{lanes}; ms (median of {args.repeats})")
   print(f"{'shape':>14s} | {'forward':>15s} | {'input grad':>15s} | "
         f"{'kernel grad':>15s}")
   totals = np.zeros((2, 3))

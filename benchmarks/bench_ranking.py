@@ -4,8 +4,8 @@ A population of (alpha, kappa) sets (LeGR's initial distribution) is pruned to
 a FLOPs budget in one jitted, vmapped call; the figure is the wall time per
 population after compilation (median over repeats).
 
-  python benchmarks/bench_ranking.py            # ResNet-56, population 64
-  python benchmarks/bench_ranking.py --model mobilenetv2
+  python -m benchmarks.bench_ranking            # ResNet-56, population 64
+  python -m benchmarks.bench_ranking --model mobilenetv2
 """
 
 import argparse
@@ -13,14 +13,12 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import legr_jax  # noqa: E402
-from legr_jax import cost, ranking  # noqa: E402
+import legr_jax
+from legr_jax import cost, ranking
 
 
 def main():

@@ -2,11 +2,11 @@ r"""Seconds per LeGR candidate: ResNet-56 on CIFAR-10 images, 1,000 validation
 images, batch 128, target 47% FLOPs, safeguard 0.1 (the set-up of the
 original PyTorch implementation's measurement on this 2-core CPU).
 
-  python benchmarks/bench_search.py                      # tau_hat = 0 and 200
-  python benchmarks/bench_search.py --tau_hat=0 --configs=sliced:1:1,sliced:2:2
-  python benchmarks/bench_search.py --checkpoint=WORKDIR  # a trained baseline
-  python benchmarks/bench_search.py --sgd_steps=20       # one SGD step's time
-  python benchmarks/bench_search.py --tau_hat --search_evaluations=400 \
+  python -m benchmarks.bench_search                      # tau_hat = 0 and 200
+  python -m benchmarks.bench_search --tau_hat=0 --configs=sliced:1:1,sliced:2:2
+  python -m benchmarks.bench_search --checkpoint=WORKDIR  # a trained baseline
+  python -m benchmarks.bench_search --sgd_steps=20       # one SGD step's time
+  python -m benchmarks.bench_search --tau_hat --search_evaluations=400 \
       --search_tau_hat=200 --search_backend=masked --search_k=32  # a GPU run
 
 Candidates are LeGR's own: the initial population of the search (identity,
@@ -40,16 +40,13 @@ import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from legr_jax import malloc_tuning  # noqa: E402
-from legr_jax import compile_options, data, models, train  # noqa: E402
-from legr_jax.models import conv_packing  # noqa: E402
-from legr_jax.search import evolution, fitness  # noqa: E402
-from legr_jax.search.blockwise import BlockwiseExecutor  # noqa: E402
+from legr_jax import data, models, ops, provenance, train
+from legr_jax.cpu import malloc_tuning
+from legr_jax.search import evolution, fitness
+from legr_jax.search.blockwise import BlockwiseExecutor
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                       "shared", "data", "cifar10_train_subset.npz")
@@ -85,17 +82,13 @@ def warm_up_sliced(net, variables, fdata0, fdata, fcfg, bucket, alpha,
   t0 = time.perf_counter()
   fcfg0 = fitness.FitnessConfig(flops=fcfg.flops, safeguard=fcfg.safeguard,
                                 eval_batch_size=fcfg.eval_batch_size)
-  options = compile_options.for_devices(jax.devices())
-  executor = BlockwiseExecutor(options,
-                               conv_lanes=conv_packing.lanes_for(options))
+  executor = BlockwiseExecutor(net.ops)
   ev0 = fitness.Evaluator(net, variables, fdata0, fcfg0, backend="sliced",
-                          bucket=bucket, workers=1, compiler_options=options,
-                          block_executor=executor)
+                          bucket=bucket, workers=1, block_executor=executor)
   ev0.evaluate(alpha, kappa)
   masks, _, _ = ev0.masks(alpha[:1], kappa[:1])
   state, step = fitness.sliced_sgd(
-      net, ev0.variables, {g: m[0] for g, m in masks.items()}, fcfg,
-      compiler_options=options, conv_lanes=executor.conv_lanes)
+      net, ev0.variables, {g: m[0] for g, m in masks.items()}, fcfg)
   jax.block_until_ready(step(state, fdata.train_images[0],
                              fdata.train_labels[0], fdata.mean,
                              fdata.inv_std))
@@ -145,16 +138,15 @@ def run_config(net, variables, fdata, fcfg, spec: str, alpha, kappa,
           "losses": losses[:4]}
 
 
-def time_sgd_steps(net, variables, fdata, fcfg, alpha, kappa, steps: int,
-                   lanes: int) -> dict:
+def time_sgd_steps(net, variables, fdata, fcfg, alpha, kappa,
+                   steps: int) -> dict:
   """Seconds per SGD step (the unit of tau_hat > 0) of one candidate's
-  sliced network: `fitness.sgd_step` compiled with the evaluator's options,
-  with output packing to ``lanes`` (0: XLA's ordinary convs)."""
+  sliced network: `fitness.sgd_step` computed and compiled with
+  ``net.ops``."""
   ev = fitness.Evaluator(net, variables, fdata, fcfg, backend="sliced")
   masks, _, frac = ev.masks(alpha[None], kappa[None])
   state, step = fitness.sliced_sgd(
-      net, ev.variables, {g: m[0] for g, m in masks.items()}, fcfg,
-      compiler_options=ev.compiler_options, conv_lanes=lanes)
+      net, ev.variables, {g: m[0] for g, m in masks.items()}, fcfg)
   times = []
   for i in range(steps + 1):   # the first call compiles
     j = i % len(fdata.train_images)
@@ -164,7 +156,7 @@ def time_sgd_steps(net, variables, fdata, fcfg, alpha, kappa, steps: int,
         fdata.inv_std))
     times.append(time.perf_counter() - t)
   ev.close()
-  return {"lanes": lanes, "flops": float(frac[0]),
+  return {"ops": net.ops.name, "flops": float(frac[0]),
           "widths": sorted({int(m[0].sum()) for m in masks.values()}),
           "compile_s": times[0], "median_s": float(np.median(times[1:])),
           "min_s": float(np.min(times[1:]))}
@@ -205,6 +197,8 @@ def main():
                  help="only time this many SGD steps (batch --batch) of the "
                  "first non-identity candidate's sliced network, packed and "
                  "unpacked (PyTorch: 0.50 s per step on this CPU)")
+  p.add_argument("--cpu_kernels", default="auto", choices=ops.CPU_KERNELS,
+                 help="legr_jax.ops.resolve setting of the network's ops")
   p.add_argument("--json_out", default=None)
   args = p.parse_args()
 
@@ -221,8 +215,11 @@ def main():
     net = models.get("resnet56", num_classes=10)
     variables = jax.device_get(net.init(jax.random.key(0)))
     origin = "randomly initialised"
+  net = net.with_ops(ops.resolve(args.cpu_kernels))
+  prov = provenance.collect()
   print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, "
-        f"{os.cpu_count()} CPU cores, jax {jax.__version__}; load average "
+        f"{os.cpu_count()} CPU cores ({prov.get('cpu_model')}), jax "
+        f"{jax.__version__}; ops {net.ops.name}; load average "
         f"{os.getloadavg()[0]:.2f}")
   print(f"{net.name} ({origin}), {len(ds.val)} validation images, batch "
         f"{args.batch}, FLOPs target {args.flops}, safeguard "
@@ -233,13 +230,13 @@ def main():
                                  tau_hat=8, batch_size=args.batch)
     fdata = fitness.prepare_data(ds, fcfg)
     alpha, kappa = _candidates(net, variables, 2)
-    lanes = conv_packing.lanes_for(compile_options.for_devices(jax.devices()))
-    for ln in sorted({0, lanes}):
-      r = time_sgd_steps(net, variables, fdata, fcfg, alpha[1], kappa[1],
-                         args.sgd_steps, ln)
+    for variant in ([net.ops, ops.XLA] if net.ops != ops.XLA else
+                    [net.ops]):
+      r = time_sgd_steps(net.with_ops(variant), variables, fdata, fcfg,
+                         alpha[1], kappa[1], args.sgd_steps)
       results.append(r)
       print(f"SGD step, candidate 1 ({100 * r['flops']:.1f}% FLOPs, widths "
-            f"{r['widths']}), conv_lanes {ln}: median {r['median_s']:.3f} s"
+            f"{r['widths']}), ops {r['ops']}: median {r['median_s']:.3f} s"
             f" (min {r['min_s']:.3f}) over {args.sgd_steps} steps, compile "
             f"{r['compile_s']:.1f} s; PyTorch 0.50 s", flush=True)
     args.tau_hat = []
@@ -313,7 +310,7 @@ def main():
         batch_size=args.batch, eval_batch_size=args.batch,
         evaluations=max(64, args.search_evaluations),
         candidates_per_round=args.search_k, backend=args.search_backend,
-        checkpoint_every=64)
+        checkpoint_every=64, cpu_kernels=args.cpu_kernels)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
@@ -336,7 +333,7 @@ def main():
     results.append({"search": res})
   if args.json_out:
     with open(args.json_out, "w") as f:
-      json.dump(results, f, indent=2)
+      json.dump({"provenance": prov, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

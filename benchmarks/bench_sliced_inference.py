@@ -1,6 +1,6 @@
 """Images/second of the unpruned and a ~50%-FLOPs sliced ResNet-56 (CPU).
 
-Usage: python benchmarks/bench_sliced_inference.py [--batch 256] [--repeats 5]
+Usage: python -m benchmarks.bench_sliced_inference [--batch 256] [--repeats 5]
 
 The pruned network removes the lowest-L2 filters globally (alpha=1, kappa=0,
 safeguard 0.1) until 50% of the MACs remain, then slices it physically; once
@@ -8,27 +8,22 @@ channel by channel (round_to 1) and once keeping every group's width a
 multiple of 8 (round_to 8, `ranking.masks_for_budget`), which XLA:CPU's
 vectorized convolutions run closer to their full-width speed.
 Timing: eval-mode forward at the given batch, after compilation, median of
-``--repeats`` runs; with XLA's default and FAST_COMPILE presets (the latter
-also with convs kept off YNNPACK, as the search compiles them), and with
-output packing of narrow convs off (``conv_lanes 0``: XLA's ordinary convs)
-and on (`legr_jax.models.conv_packing.lanes_for` those options).
+``--repeats`` runs, for each `legr_jax.ops.Ops`: 'xla' (plain XLA and flax,
+XLA's default options), 'cpu-plain' (the CPU compile options, no packing,
+no C++ kernels) and 'cpu' (``legr_jax.ops.resolve('auto')``: what training
+and the search use on this CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from legr_jax import malloc_tuning  # noqa: E402
-from legr_jax import compile_options, cost, models, ranking, surgery  # noqa: E402
-from legr_jax.models import conv_packing  # noqa: E402
+from legr_jax import cost, cpu, models, ops, provenance, ranking, surgery
+from legr_jax.cpu import malloc_tuning
 
 
 def l2_masks_for_half_flops(net, variables, round_to=1):
@@ -44,9 +39,9 @@ def l2_masks_for_half_flops(net, variables, round_to=1):
   return masks
 
 
-def images_per_second(net, variables, batch, repeats, compiler_options=None):
+def images_per_second(net, variables, batch, repeats):
   fwd = jax.jit(lambda v, x: net.apply(v, x),
-                compiler_options=compiler_options)
+                compiler_options=net.ops.jit_options())
   x = jax.random.normal(jax.random.key(0), (batch,) + net.input_shape)
   fwd(variables, x).block_until_ready()  # compile
   times = []
@@ -67,11 +62,13 @@ def main():
   args = parser.parse_args()
   net = models.get("resnet56")
   variables = net.init(jax.random.key(0))
-  print(f"device: {jax.devices()[0].device_kind}, batch {args.batch}")
-  presets = {"default": None,
-             "fast_compile": {"xla_cpu_opt_preset":
-                              "CPU_OPT_PRESET_FAST_COMPILE"},
-             "fast_compile+no_ynn": compile_options.CPU}  # what we compile with
+  prov = provenance.collect()
+  print(f"device: {jax.devices()[0].device_kind} ({prov.get('cpu_model')}),"
+        f" batch {args.batch}")
+  variants = {"xla": ops.XLA}
+  if jax.default_backend() == "cpu":
+    variants["cpu-plain"] = cpu.ops(use_kernels="never", lanes=0)
+    variants["cpu"] = ops.resolve("auto")
   for round_to in args.round_to:
     masks = l2_masks_for_half_flops(net, variables, round_to)
     small, small_vars = surgery.slice_network(net, variables, masks)
@@ -81,19 +78,15 @@ def main():
           f"sliced (round_to={round_to}): "
           f"{cost.unpruned(small.spec) / 1e6:.2f} M MACs ({frac:.1%} of "
           f"unpruned), group widths {widths}")
-    for label, opts in presets.items():
-      if jax.default_backend() != "cpu" and opts is not None:
-        continue
-      for lanes in sorted({0, conv_packing.lanes_for(opts)}):
-        net.conv_lanes = small.conv_lanes = lanes
-        full_ips = images_per_second(net, variables, args.batch,
-                                     args.repeats, opts)
-        small_ips = images_per_second(small, small_vars, args.batch,
-                                      args.repeats, opts)
-        print(f"[round_to {round_to}, XLA preset {label}, conv_lanes "
-              f"{lanes}] unpruned {full_ips:.0f} images/s, sliced "
-              f"{small_ips:.0f} images/s, time ratio sliced/unpruned "
-              f"{full_ips / small_ips:.3f} (goal <= 0.6)", flush=True)
+    for label, variant in variants.items():
+      full_ips = images_per_second(net.with_ops(variant), variables,
+                                   args.batch, args.repeats)
+      small_ips = images_per_second(small.with_ops(variant), small_vars,
+                                    args.batch, args.repeats)
+      print(f"[round_to {round_to}, ops {label}: {variant.name}] unpruned "
+            f"{full_ips:.0f} images/s, sliced {small_ips:.0f} images/s, "
+            f"time ratio sliced/unpruned {full_ips / small_ips:.3f} (goal "
+            "<= 0.6)", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,11 @@ import time
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from legr_jax import malloc_tuning  # noqa: E402
-from legr_jax import data, models, train  # noqa: E402
+from legr_jax import data, models, ops, train
+from legr_jax.cpu import malloc_tuning
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                       "shared", "data", "cifar10_train_subset.npz")
@@ -37,6 +35,8 @@ flags.DEFINE_integer("steps", 30, "Timed steps (after warm-up).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps (compilation).")
 flags.DEFINE_list("prefetch", ["2", "0"], "Prefetch depths to compare.")
 flags.DEFINE_string("json_out", None, "Also write the results here.")
+flags.DEFINE_enum("cpu_kernels", "auto", list(ops.CPU_KERNELS),
+                  "legr_jax.ops.resolve setting of the network's ops.")
 FLAGS = flags.FLAGS
 
 
@@ -85,7 +85,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   split, source = _split()
   mean, std = data.channel_stats(split.x)
-  net = models.get(FLAGS.model, num_classes=10, input_shape=(32, 32, 3))
+  net = models.get(FLAGS.model, num_classes=10, input_shape=(32, 32, 3),
+                   ops=ops.resolve(FLAGS.cpu_kernels))
   mesh = train.make_mesh()
   opt = train.make_optimizer(train.make_schedule(
       0.1, epochs=1, steps_per_epoch=1000))

@@ -29,6 +29,8 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import common
+
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "CPU only: split the host into this many JAX "
     "devices (sets --xla_force_host_platform_device_count before JAX "
@@ -112,8 +114,7 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   # JAX is imported only now, so --cpu_devices can take effect.
-  from legr_jax import malloc_tuning  # pylint: disable=g-import-not-at-top
-  malloc_tuning.retain_freed_memory()  # before JAX's first computation
+  cpu_kernels = common.start_process()  # before JAX's first computation
   if DISTRIBUTED.value or COORDINATOR.value or NUM_PROCESSES.value:
     import jax  # pylint: disable=g-import-not-at-top
     # CPU processes exchange losses through gloo (XLA:CPU's collectives).
@@ -152,7 +153,7 @@ def main(argv):
       evaluations=GENERATIONS.value, mutate_fraction=MUTATE.value,
       candidates_per_round=K.value, seed=SEED.value, backend=BACKEND.value,
       bucket=BUCKET.value, workers=WORKERS.value,
-      checkpoint_every=CKPT_EVERY.value)
+      checkpoint_every=CKPT_EVERY.value, cpu_kernels=cpu_kernels)
   try:
     ds = data_lib.get_dataset(config.dataset, data_dir=config.data_dir,
                               val_fraction=config.val_fraction,

@@ -24,6 +24,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Root of the three stage workdirs.")
 flags.DEFINE_string("model", "cnn_small", "Model name (legr_jax.models).")
@@ -62,17 +64,18 @@ def main(argv):
   wd = os.path.abspath(FLAGS.workdir)
   base, rank, pruned = (os.path.join(wd, d) for d in
                         ("baseline", "ranking", "pruned"))
-  _run("experiments.train", [
+  kernels = [f"--cpu_kernels={common.CPU_KERNELS.value}"]
+  _run("experiments.train", kernels + [
       f"--workdir={base}", f"--model={FLAGS.model}",
       f"--dataset={FLAGS.dataset}", f"--epochs={FLAGS.epochs}",
       f"--lr={FLAGS.lr}"] + FLAGS.extra_train_flags)
-  _run("experiments.learn_ranking", [
+  _run("experiments.learn_ranking", kernels + [
       f"--workdir={rank}", f"--checkpoint={base}",
       f"--target_flops={FLAGS.target_flops}", f"--tau_hat={FLAGS.tau_hat}",
       f"--generations={FLAGS.generations}",
       f"--population={FLAGS.population}", f"--sample={FLAGS.sample}",
       f"--safeguard={FLAGS.safeguard}"])
-  _run("experiments.prune", [
+  _run("experiments.prune", kernels + [
       f"--workdir={pruned}", f"--checkpoint={base}", f"--ranking={rank}",
       f"--budgets={','.join(FLAGS.budgets)}",
       f"--epochs={FLAGS.finetune_epochs}", f"--safeguard={FLAGS.safeguard}"])

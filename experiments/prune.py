@@ -20,6 +20,8 @@ import os
 
 from absl import app, flags, logging
 
+from experiments import common
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Workdir of the trained network "
                     "(written by experiments.train).")
@@ -71,16 +73,20 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
+  cpu_kernels = common.start_process()  # before JAX's first computation
   import jax  # pylint: disable=g-import-not-at-top
-  from legr_jax import cost, malloc_tuning, pareto, ranking, surgery, train
-  malloc_tuning.retain_freed_memory()  # before JAX's first computation
+  from legr_jax import (cost, ops, pareto, provenance, ranking, surgery,
+                        train)
 
   budgets = sorted({float(b) for b in FLAGS.budgets})
   if not budgets or budgets[0] <= 0 or budgets[-1] > 1:
     raise app.UsageError(f"--budgets must be fractions in (0, 1], got "
                          f"{FLAGS.budgets}")
   os.makedirs(FLAGS.workdir, exist_ok=True)
+  provenance.record_session(FLAGS.workdir, {"job": "prune",
+                                            "ranking": FLAGS.ranking})
   net, variables, base_config = train.load_trained(FLAGS.checkpoint)
+  net = net.with_ops(ops.resolve(cpu_kernels))
   variables = jax.device_get(variables)
   spec = net.spec
   if FLAGS.ranking == "l2":
@@ -105,7 +111,8 @@ def main(argv):
                                              mean=ds.mean, std=ds.std)
     ft_config = base_config.replace(
         epochs=max(FLAGS.epochs, 1), lr=FLAGS.lr, nesterov=True,
-        schedule="multistep", batch_size=FLAGS.batch_size)
+        schedule="multistep", batch_size=FLAGS.batch_size,
+        cpu_kernels=cpu_kernels)
     if FLAGS.epochs > 0:
       fit = train.fit(ft_config, os.path.join(FLAGS.workdir, name), net=small,
                       variables=small_vars, dataset=ds,

@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
-from legr_jax import malloc_tuning
+from experiments import common
 from legr_jax import data as data_lib
 from legr_jax import train
 
@@ -91,8 +91,9 @@ flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
 
 
-def config_from_flags() -> train.TrainConfig:
+def config_from_flags(cpu_kernels: str = "auto") -> train.TrainConfig:
   return train.TrainConfig(
+      cpu_kernels=cpu_kernels,
       model=FLAGS.model, model_kwargs=json.loads(FLAGS.model_kwargs),
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
       val_fraction=FLAGS.val_fraction, val_size=FLAGS.val_size,
@@ -112,12 +113,12 @@ def config_from_flags() -> train.TrainConfig:
 
 
 def main(argv):
-  malloc_tuning.retain_freed_memory()  # before JAX's first computation
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cpu_kernels = common.start_process()  # before JAX's first computation
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
-  config = config_from_flags()
+  config = config_from_flags(cpu_kernels)
   try:
     out = train.fit(config, WORKDIR.value, overwrite=OVERWRITE.value,
                     download=DOWNLOAD.value, progress=PROGRESS.value,

@@ -150,7 +150,7 @@ def slice_network(net: PrunableNet, variables, masks):
   config = copy.deepcopy(net.config)
   config["widths"] = {**config.get("widths", {}), **widths}
   config["index_maps"] = {**config.get("index_maps", {}), **index_maps}
-  small_net = from_config(config)
+  small_net = from_config(config, net.ops)
   expected = small_net.variable_shapes
   got = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape,
                                                               a.dtype),

@@ -1,15 +1,10 @@
 """Shared test set-up: the model list and small, fast input shapes."""
 
-import os
-import sys
+import jax
+import numpy as np
+import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from legr_jax import models  # noqa: E402
+from legr_jax import models
 
 # Every model at a shape that keeps the tests quick; resnet50's native 224x224
 # is replaced by 32x32 (its spec and costs follow input_shape).

@@ -1,6 +1,6 @@
-"""Output packing (legr_jax.models.conv_packing) changes the compute layout
+"""Output packing (legr_jax.cpu.conv_packing) changes the compute layout
 only: outputs and gradients equal XLA's ordinary convolution. Tests of the
-packing itself turn `direct_conv` off (it would take the 3x3 stride-1
+packing itself leave `direct_conv` off (it would take the 3x3 stride-1
 convs); the network-level tests run both ways."""
 
 import jax
@@ -10,21 +10,18 @@ import pytest
 from conftest import ALL_MODELS, build, perturbed_variables, random_masks
 from jax import lax
 
-from legr_jax import surgery
-from legr_jax.models import conv_packing, direct_conv
+from legr_jax import cpu, ops, surgery
+from legr_jax.cpu import conv_packing
 
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-@pytest.fixture
-def no_direct_conv(monkeypatch):
-  monkeypatch.setenv("LEGR_DIRECT_CONV", "0")
-
-
-def _set_direct_conv(monkeypatch, direct: bool):
-  monkeypatch.setenv("LEGR_DIRECT_CONV", "1" if direct else "0")
-  if direct and not direct_conv.available():
-    pytest.skip("direct_conv kernel not available here (no C++ compiler?)")
+def _cpu_ops(lanes: int, direct: bool):
+  """The CPU ops with packing to ``lanes`` and the C++ kernels or none."""
+  if direct:
+    from kernel_support import require_kernels  # pylint: disable=g-import-not-at-top
+    require_kernels()
+  return cpu.ops(use_kernels="required" if direct else "never", lanes=lanes)
 
 
 @pytest.mark.parametrize("cin,cout,hw,k,stride,pad", [
@@ -32,8 +29,7 @@ def _set_direct_conv(monkeypatch, direct: bool):
     (8, 3, 14, 3, 2, 1), (16, 2, 32, 5, 1, 2), (3, 6, 12, 3, 1, 1),
     (6, 5, 9, 3, 2, 1), (16, 4, 16, 3, 1, 0), (8, 2, 10, 3, 2, 0)])
 def test_packed_conv_equals_lax_conv_values_and_gradients(cin, cout, hw, k,
-                                                          stride, pad,
-                                                          no_direct_conv):
+                                                          stride, pad):
   rng = np.random.default_rng(cin * 100 + cout)
   x = jnp.asarray(rng.normal(size=(3, hw, hw + 2, cin)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
@@ -88,7 +84,7 @@ def test_unsupported_convs_pass_through_unchanged():
 
 
 def _logits(net, variables, x, lanes, train=False):
-  net.conv_lanes = lanes  # read while tracing
+  net = net.with_ops(_cpu_ops(lanes, direct=False) if lanes else ops.XLA)
   fn = jax.jit(lambda v, x: net.apply(v, x, train=train))
   return fn(variables, x)
 
@@ -119,31 +115,35 @@ def _max_rel_err(a, b):
 
 
 @pytest.mark.parametrize("direct", [False, True])
-def test_network_gradients_are_the_same_packed_or_not(monkeypatch, direct):
+def test_network_gradients_are_the_same_packed_or_not(direct):
   """Gradients of a sliced network with the CPU fast paths (packing, and the
   direct kernel or not) vs XLA's plain convs. The reference is float64: in
   training mode this network's gradients are ill-conditioned enough (narrow
   BatchNorm over 4 images) that XLA's own float32 gradients are off by up
   to ~7% there, so the fast path must be at least as close as XLA's."""
-  _set_direct_conv(monkeypatch, direct)
+  fast_ops = _cpu_ops(16, direct)
   net = build("resnet20")
   variables = perturbed_variables(net, 3)
   masks = random_masks(net.spec, 7, keep_prob=0.3)
   small, small_vars = surgery.slice_network(net, variables, masks)
   x = jax.random.normal(jax.random.key(1), (4,) + net.input_shape)
+  current = {"net": small}
 
   def loss(v, x, train):
-    out = small.apply(v, x, train=train)
+    out = current["net"].apply(v, x, train=train)
     return jnp.mean((out[0] if train else out) ** 2)
   grad = jax.jit(jax.grad(loss), static_argnums=2)
   for train in (False, True):
-    small.conv_lanes = 16
+    current["net"] = small.with_ops(fast_ops)
+    grad = jax.jit(jax.grad(loss), static_argnums=2)
     packed_strides = _conv_strides(jax.grad(lambda v: loss(v, x, train)),
                                    small_vars)
     g16 = grad(small_vars, x, train)
     fast_hlo = jax.jit(jax.grad(lambda v: loss(v, x, train))).lower(
         small_vars).as_text()
-    small.conv_lanes = 0
+    # the same BatchNorm, XLA's plain convs
+    current["net"] = small.with_ops(_cpu_ops(0, direct=False))
+    grad = jax.jit(jax.grad(loss), static_argnums=2)
     plain_strides = _conv_strides(jax.grad(lambda v: loss(v, x, train)),
                                   small_vars)
     g0 = grad(small_vars, x, train)
@@ -168,8 +168,7 @@ def test_network_gradients_are_the_same_packed_or_not(monkeypatch, direct):
     (8, 3, 14, 3, 2, 1, 16), (16, 4, 16, 3, 1, 0, 16),
     (6, 5, 9, 3, 1, 1, 16), (8, 4, 8, 1, 1, 0, 16)])
 def test_training_conv_packs_forward_and_input_gradient(cin, cout, hw, k,
-                                                        stride, pad, lanes,
-                                                        no_direct_conv):
+                                                        stride, pad, lanes):
   """`train_conv_fn`: same values and gradients as XLA's convolution; the
   forward conv and (stride 1) the input-gradient conv are packed."""
   rng = np.random.default_rng(cin * 100 + cout + k)

@@ -1,10 +1,6 @@
-"""legr_jax.models.direct_conv: the C++ 3x3 conv kernel equals XLA's
+"""legr_jax.cpu.direct_conv: the C++ 3x3 conv kernel equals XLA's
 convolution in values and both gradients, over shapes that exercise its
 channel blocks, stacked-image chunks and thread split."""
-
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +8,17 @@ import numpy as np
 import pytest
 from jax import lax
 
-from legr_jax.models import cpu_kernels, direct_conv
+from kernel_support import require_kernels
+from legr_jax.cpu import direct_conv, kernels
 
 DN = ("NHWC", "HWIO", "NHWC")
 
-pytestmark = pytest.mark.skipif(
-    cpu_kernels.compiler() is None, reason="no C++ compiler on this machine")
+
+@pytest.fixture(autouse=True)
+def _kernels():
+  """Skipped without a C++ compiler or off x86-64; a build failure on
+  x86-64 with a compiler fails (kernel_support.require_kernels)."""
+  require_kernels()
 
 
 def _ref(x, k):
@@ -39,7 +40,7 @@ def _loss(f):
     (2, 3, 40, 3, 7),      # rows wider than 2 vectors
 ])
 def test_values_and_gradients_equal_xla(n, h, w, cin, cout):
-  assert direct_conv.available()
+  assert kernels.available()
   rng = np.random.default_rng(n * 1000 + cin * 10 + cout)
   x = jnp.asarray(rng.normal(size=(n, h, w, cin)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32)
@@ -87,10 +88,10 @@ def test_applies_only_to_3x3_stride_1_padding_1_float32():
 
 def test_build_is_cached_and_failures_are_reported(tmp_path, monkeypatch):
   monkeypatch.setenv("LEGR_KERNEL_CACHE", str(tmp_path / "cache"))
-  path = cpu_kernels.build()
+  path = kernels.build()
   assert path.parent == tmp_path / "cache" and path.exists()
   mtime = path.stat().st_mtime_ns
-  assert cpu_kernels.build() == path and path.stat().st_mtime_ns == mtime
+  assert kernels.build() == path and path.stat().st_mtime_ns == mtime
   # a compiler that fails: a clear error, nothing half-written in the cache
   bad = tmp_path / "bad-cxx"
   bad.write_text("#!/bin/sh\necho 'cc: fatal error: out of cheese' >&2\n"
@@ -98,23 +99,5 @@ def test_build_is_cached_and_failures_are_reported(tmp_path, monkeypatch):
   bad.chmod(0o755)
   monkeypatch.setenv("LEGR_KERNEL_CACHE", str(tmp_path / "other"))
   with pytest.raises(RuntimeError, match="out of cheese"):
-    cpu_kernels.build(str(bad))
+    kernels.build(str(bad))
   assert list((tmp_path / "other").iterdir()) == []
-
-
-def test_switch_off_and_missing_compiler_fall_back_to_xla(tmp_path):
-  """In a fresh process: LEGR_DIRECT_CONV=0, or no compiler, makes
-  `available()` False (with one warning for the latter)."""
-  code = ("from legr_jax.models import direct_conv as d; "
-          "print('AVAILABLE', d.available())")
-  env = dict(os.environ, LEGR_KERNEL_CACHE=str(tmp_path))
-  off = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, env=dict(env, LEGR_DIRECT_CONV="0"),
-                       cwd=os.path.dirname(os.path.dirname(__file__)))
-  assert "AVAILABLE False" in off.stdout, off.stderr
-  none = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                        text=True, env=dict(env, PATH="/nonexistent",
-                                            CXX=""),
-                        cwd=os.path.dirname(os.path.dirname(__file__)))
-  assert "AVAILABLE False" in none.stdout, none.stderr
-  assert "no C++ compiler" in none.stderr

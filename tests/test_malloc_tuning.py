@@ -1,4 +1,4 @@
-"""legr_jax.malloc_tuning: with it, XLA:CPU's per-run buffers reuse freed
+"""legr_jax.cpu.malloc_tuning: with it, XLA:CPU's per-run buffers reuse freed
 memory instead of faulting fresh pages in on every run."""
 
 import os
@@ -13,9 +13,10 @@ pytestmark = pytest.mark.skipif(
     reason="glibc malloc only")
 
 _PROGRAM = """
-import resource
-from legr_jax import malloc_tuning
-print("APPLIED", malloc_tuning.retain_freed_memory())
+import os, resource
+from legr_jax.cpu import malloc_tuning
+print("APPLIED", os.environ["TUNE"] == "1"
+      and malloc_tuning.retain_freed_memory())
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x * 2.0 + 1.0)
 x = jnp.ones((4096, 4096))   # 64 MB output per run: above glibc's largest
@@ -32,7 +33,7 @@ print("FAULTS", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def _run(tuning: str):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, LEGR_MALLOC_TUNING=tuning, JAX_PLATFORMS="cpu",
+  env = dict(os.environ, TUNE=tuning, JAX_PLATFORMS="cpu",
              PYTHONPATH=root)
   out = subprocess.run([sys.executable, "-c", _PROGRAM], capture_output=True,
                        text=True, env=env, cwd=root, check=True).stdout

@@ -275,8 +275,7 @@ def test_sliced_net_equals_surgery_network(name, twice):
   small, sv = surgery.slice_network(net, v, masks)
   widths, index_maps, fast = search.slicing.slice_candidate(net.spec, v,
                                                             masks)
-  sliced = search.slicing.SlicedNet(net, widths, index_maps, conv_lanes=0)
-  small.conv_lanes = 0
+  sliced = search.slicing.SlicedNet(net, widths, index_maps)
   x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype(np.float32)
   ours = jax.jit(sliced.apply, static_argnames="train")
   theirs = jax.jit(small.apply, static_argnames="train")

@@ -1,4 +1,4 @@
-"""legr_jax.train.sgd_update: the one-call SGD update (C++ kernel and its
+"""legr_jax.cpu.sgd_update: the one-call SGD update (C++ kernel and its
 jax.numpy twin) equals optax's `optim.make_optimizer` update, and the sliced
 search step built on it equals `train_step` with optax."""
 
@@ -8,15 +8,14 @@ import numpy as np
 import optax
 import pytest
 
+from kernel_support import require_kernels
 from legr_jax import models
-from legr_jax.models import cpu_kernels
+from legr_jax.cpu import sgd_update
 from legr_jax.search import fitness
-from legr_jax.train import optim, sgd_update
+from legr_jax.train import optim
 from legr_jax.train import step as step_lib
 
 HYPER = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
-KERNEL = pytest.param(True, marks=pytest.mark.skipif(
-    cpu_kernels.compiler() is None, reason="no C++ compiler"))
 
 
 def _tree(rng):
@@ -27,9 +26,11 @@ def _tree(rng):
                   "b": rng.normal(size=(1,)).astype(np.float32)}}
 
 
-@pytest.mark.parametrize("cpu_kernel", [KERNEL, False])
+@pytest.mark.parametrize("cpu_kernel", [True, False])
 @pytest.mark.parametrize("donate", [False, True])
 def test_update_equals_optax(cpu_kernel, donate):
+  if cpu_kernel:
+    require_kernels()   # skip without a compiler; fail if the build does
   rng = np.random.default_rng(0)
   params = _tree(rng)
   opt = optim.make_optimizer(HYPER["lr"], momentum=HYPER["momentum"],
@@ -69,8 +70,7 @@ def test_sliced_step_equals_train_step_with_optax():
   variables = net.init(jax.random.key(0))
   masks = {g.name: np.ones((g.size,), np.float32) for g in net.spec.groups}
   cfg = fitness.FitnessConfig(lr=0.05)
-  state, step = fitness.sliced_sgd(net, variables, masks, cfg,
-                                   compiler_options=None, conv_lanes=0)
+  state, step = fitness.sliced_sgd(net, variables, masks, cfg)
   opt = fitness.make_optimizer(cfg)
   ref = step_lib.init_train_state(net, 0, opt, variables)
   ref_step = jax.jit(lambda s, b: step_lib.train_step(net, opt, s, b, None))

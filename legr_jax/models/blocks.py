@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from legr_jax.models import batchnorm, conv_packing
+from legr_jax import ops as ops_lib
 
 INPUT_NODE = "<input>"
 
@@ -122,15 +122,15 @@ class Context:
     index_maps: shortcut site name -> tuple, for every output channel the
       input channel it copies or -1 for a zero channel (sliced networks).
     recorder: set only while deriving the channel spec.
-    conv_lanes: output packing of narrow convs (`conv_packing`; 0: off).
-      A compute-layout choice only: results are unchanged.
+    ops: how convs and BatchNorm are computed (`legr_jax.ops.Ops`; a
+      compute choice only: variables and results are unchanged).
   """
   masks: dict[str, Any] | None = None
   widths: dict[str, int] = dataclasses.field(default_factory=dict)
   index_maps: dict[str, tuple[int, ...]] = dataclasses.field(
       default_factory=dict)
   recorder: Recorder | None = None
-  conv_lanes: int = 0
+  ops: ops_lib.Ops = ops_lib.XLA
 
   def mask(self, site: str):
     if self.masks is None:
@@ -205,15 +205,9 @@ class ConvBN(nn.Module):
                 use_bias=False, feature_group_count=groups, dtype=self.dtype,
                 kernel_init=nn.initializers.variance_scaling(
                     2.0, "fan_out", "normal"),
-                # Training packs the forward and input-gradient convs
-                # only; XLA computes the kernel gradient (conv_packing).
-                conv_general_dilated=(
-                    conv_packing.train_conv_fn(ctx.conv_lanes) if train
-                    else conv_packing.conv_fn(ctx.conv_lanes)),
-                name="conv")(x)
-    y = batchnorm.BatchNorm(use_running_average=not train, momentum=0.9,
-                            epsilon=1e-5, dtype=self.dtype,
-                            cpu_kernel=ctx.conv_lanes > 0, name="bn")(y)
+                **_conv_override(ctx.ops.conv_fn(train)), name="conv")(x)
+    y = ctx.ops.batch_norm(use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, dtype=self.dtype, name="bn")(y)
     m = ctx.mask(site)
     if m is not None:
       y = y * m.astype(y.dtype)
@@ -235,6 +229,11 @@ class ConvBN(nn.Module):
           out_hw=tuple(y.shape[1:3])))
       rec.register(y, out_node)
     return y
+
+
+def _conv_override(fn) -> dict:
+  """``nn.Conv`` keyword for an `Ops` conv function (none: flax's default)."""
+  return {} if fn is None else {"conv_general_dilated": fn}
 
 
 def default_pad_map(in_channels: int, out_channels: int) -> tuple[int, ...]:

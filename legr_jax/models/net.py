@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from legr_jax.models import blocks, conv_packing
+from legr_jax import ops as ops_lib
+from legr_jax.models import blocks
 from legr_jax.models.cnn import SmallCNN
 from legr_jax.models.mobilenetv2 import MobileNetV2
 from legr_jax.models.resnet_cifar import ResNetCifar
@@ -45,13 +46,13 @@ class PrunableNet:
     module: the Flax module, called as ``module(x, ctx, train)``.
     spec: the `NetSpec` (groups, wiring, spatial sizes) of this network.
     variable_shapes: what `init` returns, as `jax.ShapeDtypeStruct` leaves.
-    conv_lanes: output packing of narrow convs (`conv_packing`), a compute
-      layout choice that leaves results unchanged; default
-      `conv_packing.default_lanes()` (16 on AVX-512 CPUs, else 0 = off).
-      Assign 0 to run every conv as XLA's ordinary convolution.
+    ops: how convs and BatchNorm are computed (`legr_jax.ops.Ops`; read
+      while tracing): default `legr_jax.ops.XLA`; e.g.
+      ``legr_jax.ops.resolve('auto')`` for the CPU fast paths. Variables and
+      results (to float rounding) do not depend on it.
   """
 
-  def __init__(self, config: dict[str, Any]):
+  def __init__(self, config: dict[str, Any], ops: ops_lib.Ops | None = None):
     self.config = copy.deepcopy(config)
     name = config["model"]
     if name not in MODELS:
@@ -66,13 +67,14 @@ class PrunableNet:
     self._widths = {k: int(v) for k, v in config.get("widths", {}).items()}
     self._index_maps = {k: tuple(int(i) for i in v)
                         for k, v in config.get("index_maps", {}).items()}
+    self.ops: ops_lib.Ops = ops or ops_lib.XLA
     self.spec: NetSpec = self._derive_spec()
-    self.conv_lanes: int = conv_packing.default_lanes()
 
-  def _context(self, site_masks=None, recorder=None) -> blocks.Context:
+  def _context(self, site_masks=None, recorder=None,
+               ops: ops_lib.Ops | None = None) -> blocks.Context:
     return blocks.Context(masks=site_masks, widths=self._widths,
                           index_maps=self._index_maps, recorder=recorder,
-                          conv_lanes=getattr(self, "conv_lanes", 0))
+                          ops=ops or self.ops)
 
   def _derive_spec(self) -> NetSpec:
     rec = blocks.Recorder()
@@ -80,7 +82,9 @@ class PrunableNet:
     # The same trace gives the variables' shapes (`variable_shapes`).
     self.variable_shapes = dict(jax.eval_shape(
         lambda x: self.module.init(jax.random.key(0), x,
-                                   self._context(recorder=rec), train=False),
+                                   self._context(recorder=rec,
+                                                 ops=ops_lib.XLA),
+                                   train=False),
         x))
     return spec_from_record(rec, self.input_shape)
 
@@ -88,6 +92,12 @@ class PrunableNet:
     """Returns ``{'params': ..., 'batch_stats': ...}``."""
     x = jnp.zeros((1,) + self.input_shape, jnp.float32)
     return dict(self.module.init(rng, x, self._context(), train=False))
+
+  def with_ops(self, ops: ops_lib.Ops) -> "PrunableNet":
+    """The same network (module, spec, config) computed with ``ops``."""
+    other = copy.copy(self)
+    other.ops = ops
+    return other
 
   def check_input(self, x) -> None:
     if getattr(x, "ndim", None) != 4 or tuple(x.shape[1:]) != self.input_shape:
@@ -135,14 +145,15 @@ def apply_module(module: nn.Module, variables, x, ctx: blocks.Context,
   return module.apply(variables, x, ctx, train=False)
 
 
-def from_config(config: dict[str, Any]) -> PrunableNet:
+def from_config(config: dict[str, Any],
+                ops: ops_lib.Ops | None = None) -> PrunableNet:
   """Rebuilds a network (possibly a sliced one) from its ``config``."""
-  return PrunableNet(config)
+  return PrunableNet(config, ops)
 
 
 def get(name: str, num_classes: int = 10,
         input_shape: tuple[int, int, int] | None = None,
-        **kwargs) -> PrunableNet:
+        ops: ops_lib.Ops | None = None, **kwargs) -> PrunableNet:
   """Builds a model by name.
 
   Args:
@@ -150,6 +161,7 @@ def get(name: str, num_classes: int = 10,
     num_classes: classifier width.
     input_shape: (H, W, C) of the images; spatial sizes and hence costs follow
       it. Defaults to the model's native shape (32x32x3 for CIFAR models).
+    ops: how it is computed (default `legr_jax.ops.XLA`; see `PrunableNet`).
     **kwargs: constructor options, e.g. ``shortcut='B'`` for CIFAR ResNets or
       ``width_multiplier=0.75`` for MobileNetV2.
   """
@@ -162,4 +174,4 @@ def get(name: str, num_classes: int = 10,
     raise ValueError(f"input_shape must be (H, W, C), got {input_shape}")
   return PrunableNet({"model": name, "num_classes": int(num_classes),
                       "input_shape": [int(d) for d in input_shape],
-                      "kwargs": dict(kwargs)})
+                      "kwargs": dict(kwargs)}, ops)

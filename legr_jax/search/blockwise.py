@@ -22,7 +22,8 @@ import threading
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from legr_jax.models import blocks, conv_packing
+from legr_jax import ops as ops_lib
+from legr_jax.models import blocks
 
 _tls = threading.local()
 
@@ -76,16 +77,13 @@ class BlockwiseExecutor:
   train=False)`` up to float rounding.
   """
 
-  def __init__(self, compiler_options: dict | None = None,
-               conv_lanes: int | None = None):
-    """``compiler_options``: XLA options for every block's compilation (e.g.
-    `compile_options.CPU`); ``conv_lanes``: output packing of
-    narrow convs (default `conv_packing.default_lanes()`)."""
+  def __init__(self, ops: ops_lib.Ops | None = None):
+    """``ops``: how blocks are computed and compiled (`legr_jax.ops.Ops`,
+    its compiler options included; default `legr_jax.ops.XLA`)."""
     self._fns: dict = {}
     self._lock = threading.Lock()
-    self.compiler_options = compiler_options
-    self.conv_lanes = (conv_packing.default_lanes() if conv_lanes is None
-                       else int(conv_lanes))
+    self.ops = ops or ops_lib.XLA
+    self.compiler_options = self.ops.jit_options()
 
   @property
   def num_block_functions(self) -> int:
@@ -109,7 +107,7 @@ class BlockwiseExecutor:
       _tls.inside = True
       try:
         ctx = blocks.Context(masks=masks or None, widths=widths,
-                             conv_lanes=self.conv_lanes)
+                             ops=self.ops)
         with nn.intercept_methods(_shortcut_interceptor(index_arrays)):
           return standalone.apply(variables, x, ctx, train=False)
       finally:
@@ -140,7 +138,7 @@ class BlockwiseExecutor:
     overrides), ``index_maps`` (every zero-pad shortcut site -> index map;
     int arrays, ideally already on the device) and per-site masks."""
     ctx = blocks.Context(masks=site_masks, widths=widths,
-                         index_maps=index_maps, conv_lanes=self.conv_lanes)
+                         index_maps=index_maps, ops=self.ops)
 
     def interceptor(next_fun, args, kwargs, context):
       m = context.module

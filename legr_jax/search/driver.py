@@ -33,6 +33,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from legr_jax import ops as ops_lib
+from legr_jax import provenance
 from legr_jax.search import evolution, fitness, multihost
 from legr_jax.search import state as state_lib
 from legr_jax.train.progress import Progress
@@ -40,12 +42,13 @@ from legr_jax.train.progress import Progress
 CONFIG_JSON = "search_config.json"
 RESULT_JSON = "result.json"
 PLOT_PNG = "progress.png"
-RUN_FILES = (CONFIG_JSON, state_lib.STATE_DIR, state_lib.EVALUATIONS, PLOT_PNG,
+RUN_FILES = (CONFIG_JSON, provenance.SESSIONS, state_lib.STATE_DIR,
+             state_lib.EVALUATIONS, PLOT_PNG,
              state_lib.RANKING_JSON, state_lib.RANKING_DIR, RESULT_JSON)
 
 # Fields that do not change the result (beyond float rounding of losses).
 OPERATIONAL_FIELDS = ("backend", "bucket", "workers", "checkpoint_every",
-                      "data_dir")
+                      "data_dir", "cpu_kernels")
 
 
 class SearchConflictError(RuntimeError):
@@ -62,6 +65,9 @@ class SearchConfig:
   own split, so the search never validates on training images). Fitness and
   evolution: see `fitness.FitnessConfig`, `evolution.EvolutionConfig`;
   ``candidates_per_round`` is K of the batched variant (1: sequential).
+  Compute (operational): ``backend``, ``bucket``, ``workers`` (see
+  `fitness.Evaluator`) and ``cpu_kernels`` ('auto' | 'on' | 'off',
+  `legr_jax.ops.resolve`).
   """
   baseline: str = ""
   net_config: dict = dataclasses.field(default_factory=dict)
@@ -89,12 +95,14 @@ class SearchConfig:
   bucket: int = 4
   workers: int | None = None
   checkpoint_every: int = 16
+  cpu_kernels: str = "auto"
 
   def __post_init__(self):
     if self.candidates_per_round < 1:
       raise ValueError("candidates_per_round must be >= 1")
     if self.backend not in fitness.BACKENDS:
       raise ValueError(f"backend must be one of {fitness.BACKENDS}")
+    ops_lib.check_setting(self.cpu_kernels)
     self.evolution_config()  # validates
 
   def evolution_config(self) -> evolution.EvolutionConfig:
@@ -238,7 +246,8 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
   Args:
     config: the search.
     workdir: where its files live (see the module doc).
-    net, variables: the pretrained network.
+    net, variables: the pretrained network (computed with
+      ``config.cpu_kernels``'s `legr_jax.ops.Ops`).
     dataset: a `legr_jax.data.Dataset` (its train split feeds the tau_hat
       steps, its val split the loss).
     devices: devices to spread candidates over (default: all).
@@ -271,9 +280,15 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
   evo_cfg = config.evolution_config()
   fit_cfg = config.fitness_config()
   data = fitness.prepare_data(dataset, fit_cfg)
+  net = net.with_ops(ops_lib.resolve(
+      config.cpu_kernels, devices if devices is not None else jax.devices()))
   evaluator = fitness.Evaluator(net, variables, data, fit_cfg,
                                 backend=config.backend, devices=devices,
                                 bucket=config.bucket, workers=config.workers)
+  if primary:
+    provenance.record_session(workdir, {
+        "job": "search", "resumed": resuming, "ops": net.ops.name,
+        "backend": evaluator.backend}, devices=evaluator.devices)
   layer_names = evaluator.layer_names
   manager = state_lib.make_manager(workdir)
   evlog = state_lib.EvaluationLog(workdir)

@@ -77,14 +77,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from legr_jax import compile_options
 from legr_jax import cost as cost_lib
 from legr_jax import data as data_lib
 from legr_jax import ranking, surgery
-from legr_jax.models import conv_packing
 from legr_jax.search import multihost, slicing
 from legr_jax.search.blockwise import BlockwiseExecutor
-from legr_jax.train import optim, sgd_update
+from legr_jax.train import optim
 from legr_jax.train import step as step_lib
 
 BACKENDS = ("auto", "masked", "sliced")
@@ -276,13 +274,13 @@ class Evaluator:
     workers: 'sliced': candidates evaluated concurrently (default: the device
       count, or the CPU core count on a single CPU device).
     compiler_options: XLA options of the compiled evaluation functions;
-      default `compile_options.for_devices` (CPU options on CPUs, none
-      elsewhere); {} for XLA's defaults.
+      default ``net.ops``'s (`legr_jax.ops.Ops`, which also says how convs,
+      BatchNorm and the SGD update are computed); {} for XLA's defaults.
     memo: memoize losses by mask digest (see `evaluate`); ``cache`` (digest
       -> loss) may be pre-filled, e.g. from a resumed search's log.
     block_executor: 'sliced': the `BlockwiseExecutor` of the validation
       passes, whose compiled blocks may be shared with other evaluators of
-      the same network (default: a new one with these compiler options).
+      the same network (default: a new one with ``net.ops``).
   """
 
   def __init__(self, net, variables, data: FitnessData, config: FitnessConfig,
@@ -302,7 +300,7 @@ class Evaluator:
         workers = os.cpu_count() or 1
     self.workers = max(1, int(workers))
     if compiler_options is None:
-      compiler_options = compile_options.for_devices(self.devices) or {}
+      compiler_options = net.ops.jit_options() or {}
     self.compiler_options = dict(compiler_options) or None
     self.variables = jax.tree.map(np.asarray, jax.device_get(
         {"params": variables["params"],
@@ -317,9 +315,7 @@ class Evaluator:
     self.cache: dict[str, float] = {}   # mask digest -> loss
     self._masks_fn = jax.jit(jax.vmap(functools.partial(
         candidate_masks, spec, self.norms, config=config)))
-    self._executor = block_executor or BlockwiseExecutor(
-        self.compiler_options,
-        conv_lanes=conv_packing.lanes_for(self.compiler_options))
+    self._executor = block_executor or BlockwiseExecutor(net.ops)
     self._per_device: dict = {}
     self._lock = threading.Lock()
     # 'sliced', tau_hat > 0: seconds per phase of each fresh candidate
@@ -482,11 +478,8 @@ class Evaluator:
     """The candidate's sliced train state on ``device`` and its compiled SGD
     step: ``(state, compiled step, seconds taken)``."""
     t0 = time.perf_counter()
-    # packed forward and input-gradient convs, as wide as these options
-    # make pay (conv_packing.lanes_for)
     state, step = sliced_sgd(self.net, self.variables, masks_np, self.config,
-                             compiler_options=self.compiler_options,
-                             conv_lanes=self._executor.conv_lanes)
+                             compiler_options=self.compiler_options)
     state = jax.device_put(state, device)
     dd = self._device_data(device)
     x, y = dd["train_steps"][0]
@@ -555,14 +548,14 @@ def sgd_step(net, config: FitnessConfig, state: step_lib.TrainState, x, y,
   the 'sliced' backend compiles per candidate when tau_hat > 0.
 
   ``state.opt_state`` is the momentum trace itself (shaped like the params),
-  updated by `sgd_update.sgd_update`: the maths of `make_optimizer` (equal
-  to optax's to the bit), in one C++ call on CPU instead of ~450 small XLA
-  fusions, which every candidate's compile would generate code for.
+  updated by ``net.ops.sgd_update``: the maths of `make_optimizer` (on CPU
+  one C++ call instead of ~450 small XLA fusions that every candidate's
+  compile would generate code for).
   """
   _, _, stats, grads = step_lib.loss_and_grads(
       net, state.params, state.batch_stats,
       {"image": _normalize(x, mean, inv_std), "label": y}, None)
-  params, trace = sgd_update.sgd_update(
+  params, trace = net.ops.sgd_update(
       state.params, grads, state.opt_state, lr=config.lr,
       momentum=config.momentum, weight_decay=config.weight_decay)
   return state.replace(step=state.step + 1, params=params,
@@ -570,15 +563,18 @@ def sgd_step(net, config: FitnessConfig, state: step_lib.TrainState, x, y,
 
 
 def sliced_sgd(net, variables, masks, config: FitnessConfig, *,
-               compiler_options: dict | None, conv_lanes: int):
+               compiler_options: dict | None = None):
   """``net`` physically sliced to 0/1 ``masks`` (`slicing.SlicedNet`), ready
   for the tau_hat steps: ``(state, step)``, the train state of the sliced
   network (zero momentum trace as its ``opt_state``) and its jitted
   `sgd_step` (``step(state, x, y, mean, inv_std) -> state``; the state is
-  donated), convs packed to ``conv_lanes``."""
+  donated), computed with ``net.ops`` and compiled with ``compiler_options``
+  (default ``net.ops``'s)."""
   widths, index_maps, small_vars = slicing.slice_candidate(
       net.spec, jax.device_get(variables), masks)
-  small = slicing.SlicedNet(net, widths, index_maps, conv_lanes)
+  small = slicing.SlicedNet(net, widths, index_maps)
+  if compiler_options is None:
+    compiler_options = net.ops.jit_options()
   params = small_vars["params"]
   # built in numpy and put on the device in one transfer
   state = jax.device_put(step_lib.TrainState(

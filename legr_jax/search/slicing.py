@@ -51,11 +51,11 @@ class SlicedNet:
   and ``index_maps`` it takes.
   """
 
-  def __init__(self, net, widths: dict, index_maps: dict, conv_lanes: int):
+  def __init__(self, net, widths: dict, index_maps: dict, ops=None):
     self.module = net.module
     self.name = net.name
     self.input_shape = net.input_shape
-    self.conv_lanes = int(conv_lanes)
+    self.ops = ops or net.ops
     self._net = net
     self._widths = {k: int(v) for k, v in widths.items()}
     self._index_maps = {k: tuple(int(i) for i in v)
@@ -67,5 +67,5 @@ class SlicedNet:
                        "masks (use the full network with masks instead)")
     self._net.check_input(x)
     ctx = blocks.Context(widths=self._widths, index_maps=self._index_maps,
-                         conv_lanes=self.conv_lanes)
+                         ops=self.ops)
     return net_lib.apply_module(self.module, variables, x, ctx, train)

@@ -6,9 +6,12 @@ import dataclasses
 import json
 from typing import Any
 
+from legr_jax import ops as ops_lib
+
 # Fields that do not change what is computed; they may differ on resume.
 OPERATIONAL_FIELDS = ("data_dir", "log_every_steps", "ckpt_every_steps",
-                      "keep_checkpoints", "eval_batch_size", "prefetch")
+                      "keep_checkpoints", "eval_batch_size", "prefetch",
+                      "cpu_kernels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +31,8 @@ class TrainConfig:
   epoch end (the last ``keep_checkpoints`` and the best by validation accuracy
   are kept), a training-metrics line every ``log_every_steps`` steps,
   validation every ``eval_every_epochs`` epochs.
+  Compute: ``cpu_kernels`` 'auto' | 'on' | 'off' (`legr_jax.ops.resolve`;
+  operational: a run resumes under another setting).
   """
   model: str = "cnn_small"
   model_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -56,6 +61,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   log_every_steps: int = 20
   prefetch: int = 2
+  cpu_kernels: str = "auto"
 
   def __post_init__(self):
     object.__setattr__(self, "milestones",
@@ -63,6 +69,7 @@ class TrainConfig:
     object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
     if self.epochs < 1 or self.batch_size < 1:
       raise ValueError("epochs and batch_size must be positive")
+    ops_lib.check_setting(self.cpu_kernels)
     if self.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got "
                        f"{self.compute_dtype!r}")

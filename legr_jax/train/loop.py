@@ -28,6 +28,8 @@ import optax
 
 from legr_jax import data as data_lib
 from legr_jax import models
+from legr_jax import ops as ops_lib
+from legr_jax import provenance
 from legr_jax.train import checkpoint as ckpt_lib
 from legr_jax.train import optim, parallel
 from legr_jax.train import step as step_lib
@@ -36,7 +38,7 @@ from legr_jax.train.evaluate import evaluate
 from legr_jax.train.progress import Progress
 
 RUN_FILES = ("config.json", "net.json", "masks.npz", "checkpoints",
-             "metrics.jsonl", "result.json")
+             "metrics.jsonl", "result.json", provenance.SESSIONS)
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -218,7 +220,8 @@ def fit(config: TrainConfig, workdir: str, *, net=None,
     config: the run.
     workdir: where config, checkpoints, metrics and results live.
     net: the network (default: ``models.get(config.model, ...)`` sized for
-      the data set); e.g. a sliced network for fine-tuning.
+      the data set); e.g. a sliced network for fine-tuning. It is computed
+      with ``config.cpu_kernels``'s `legr_jax.ops.Ops` (`PrunableNet.with_ops`).
     variables: initial variables (default: ``net.init``), e.g. pretrained.
     masks: group masks applied in every forward pass (saved to masks.npz).
     dataset: the data (default: `load_dataset(config)`).
@@ -240,14 +243,20 @@ def fit(config: TrainConfig, workdir: str, *, net=None,
   if net is None:
     net = models.get(config.model, num_classes=ds.num_classes,
                      input_shape=ds.image_shape, **config.model_kwargs)
+  mesh = mesh or parallel.make_mesh()
+  net = net.with_ops(ops_lib.resolve(config.cpu_kernels,
+                                     list(mesh.devices.flat)))
   np_masks = _masks_to_numpy(masks)
   resuming = prepare_workdir(workdir, config, net.config, np_masks,
                              overwrite=overwrite, log=log)
+  if jax.process_index() == 0:
+    provenance.record_session(workdir, {
+        "job": "train", "resumed": resuming, "ops": net.ops.name},
+        devices=list(mesh.devices.flat))
   metrics_log = MetricsLog(_path(workdir, "metrics.jsonl"))
   manager = ckpt_lib.make_manager(_path(workdir, "checkpoints"),
                                   keep=config.keep_checkpoints)
 
-  mesh = mesh or parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   spe = data_lib.num_batches(len(ds.train), config.batch_size)
   if spe == 0:

@@ -14,7 +14,6 @@ from typing import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from legr_jax import compile_options
 from legr_jax.train import step as step_lib
 
 DATA_AXIS = "data"
@@ -46,7 +45,8 @@ def make_train_step(net, optimizer, mesh: Mesh, *,
                     label_smoothing: float = 0.0,
                     compute_dtype: str = "float32", donate: bool = True):
   """Jitted ``(state, batch, masks) -> (state, metrics)`` sharded over
-  ``mesh`` (see `step.train_step`). With ``donate`` the input state's buffers
+  ``mesh`` (see `step.train_step`), compiled with ``net.ops``'s options.
+  With ``donate`` the input state's buffers
   are reused for the output; do not use the old state afterwards."""
   fn = functools.partial(step_lib.train_step, net, optimizer,
                          label_smoothing=label_smoothing,
@@ -54,8 +54,7 @@ def make_train_step(net, optimizer, mesh: Mesh, *,
   rep, data = replicated(mesh), batch_sharding(mesh)
   return jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
                  donate_argnums=(0,) if donate else (),
-                 compiler_options=compile_options.for_devices(
-                     mesh.devices.flat))
+                 compiler_options=net.ops.jit_options())
 
 
 def make_eval_step(net, mesh: Mesh, *, compute_dtype: str = "float32"):
@@ -63,8 +62,7 @@ def make_eval_step(net, mesh: Mesh, *, compute_dtype: str = "float32"):
   fn = functools.partial(step_lib.eval_step, net, compute_dtype=compute_dtype)
   rep, data = replicated(mesh), batch_sharding(mesh)
   return jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=rep,
-                 compiler_options=compile_options.for_devices(
-                     mesh.devices.flat))
+                 compiler_options=net.ops.jit_options())
 
 
 def replicate(tree, mesh: Mesh):

@@ -1,4 +1,4 @@
-"""legr_jax.models.batchnorm equals flax's BatchNorm: values, running
+"""legr_jax.cpu.batchnorm equals flax's BatchNorm: values, running
 statistics and gradients (its custom VJP against autodiff of flax's)."""
 
 import flax.linen as nn
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from legr_jax.models import batchnorm
+from legr_jax.cpu import batchnorm
 
 
 @pytest.mark.parametrize("shape", [(8, 6, 5, 7), (16, 3), (4, 4, 4, 1)])

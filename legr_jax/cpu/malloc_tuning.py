@@ -13,15 +13,15 @@ in 0.486 s instead of 0.616 s (``LEGR_MALLOC_TUNING=0``).
 
 A process-wide setting, so the library never applies it on import: the
 experiment and benchmark scripts call it first thing (before JAX's first
-computation, when its threads get their arenas); ``LEGR_MALLOC_TUNING=0``
-turns it off. The cost: the process keeps its peak heap until it exits.
+computation, when its threads get their arenas), the experiments unless
+``cpu_kernels`` is 'off'. The cost: the process keeps its peak heap until
+it exits.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import platform
 
 # mallopt parameters (glibc's malloc.h)
@@ -31,10 +31,8 @@ _M_ARENA_MAX = -8
 
 
 def retain_freed_memory() -> bool:
-  """Applies the settings above; True if it did (Linux with glibc, not
-  turned off by ``LEGR_MALLOC_TUNING=0``), False otherwise. Idempotent."""
-  if os.environ.get("LEGR_MALLOC_TUNING", "1") == "0":
-    return False
+  """Applies the settings above; True if it did (Linux with glibc), False
+  otherwise. Idempotent."""
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
   try:

@@ -23,22 +23,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from legr_jax.models import cpu_kernels
+from legr_jax.cpu import kernels
 
 _MOMENTS = "legr_channel_moments"
 _CENTERED = "legr_centered_sums"
-
-
-def available() -> bool:
-  """CPU backend, ``LEGR_CHANNEL_SUMS`` not 0, and the kernels built."""
-  return cpu_kernels.available("LEGR_CHANNEL_SUMS")
 
 
 def moments(x):
   """Per-channel mean and biased variance (>= 0) of float32 ``x`` [..., C]
   over every axis but the last -> (mean [C], var [C]) float32. Not
   differentiable (`batchnorm.batch_norm_train` is)."""
-  cpu_kernels.require("channel sums")
+  kernels.require("channel sums")
   c = x.shape[-1]
   out = jax.ffi.ffi_call(_MOMENTS, jax.ShapeDtypeStruct((2, c), jnp.float32),
                          vmap_method="sequential")(x)
@@ -49,7 +44,7 @@ def centered_sums(dy, x, mean, inv):
   """``(sum dy, sum dy * (x - mean) * inv)`` per channel over every axis but
   the last of float32 ``dy``, ``x`` [..., C] with ``mean``, ``inv`` [C] ->
   two [C] float32 arrays (BatchNorm's bias and scale gradients)."""
-  cpu_kernels.require("channel sums")
+  kernels.require("channel sums")
   c = x.shape[-1]
   out = jax.ffi.ffi_call(_CENTERED, jax.ShapeDtypeStruct((2, c), jnp.float32),
                          vmap_method="sequential")(

@@ -42,13 +42,12 @@ image with the narrow operand's kh*kw shifts gathered beside each other
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from legr_jax.models import direct_conv
+from legr_jax.cpu import direct_conv
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -138,8 +137,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding,
 
 def _direct_first(packed):
   """``packed`` (a `conv_general_dilated` variant), except that the convs
-  `direct_conv` computes (3x3, stride 1, padding 1, float32) faster go there
-  when it is available."""
+  `direct_conv` computes (3x3, stride 1, padding 1, float32) faster go
+  there (the caller checked that the kernels are available)."""
 
   def conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
            rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
@@ -149,8 +148,7 @@ def _direct_first(packed):
                              dimension_numbers, feature_group_count)
         and direct_conv.applies(lhs, rhs, window_strides, padding)
         and direct_conv.faster_than_xla("forward", lhs.shape[1] * lhs.shape[2],
-                                        rhs.shape[2], rhs.shape[3])
-        and direct_conv.available()):
+                                        rhs.shape[2], rhs.shape[3])):
       return direct_conv.conv3x3(lhs, rhs)
     return packed(lhs, rhs, window_strides, padding, lhs_dilation,
                   rhs_dilation, dimension_numbers, feature_group_count,
@@ -160,58 +158,15 @@ def _direct_first(packed):
 
 
 @functools.lru_cache(maxsize=None)
-def conv_fn(lanes: int):
+def conv_fn(lanes: int, direct: bool = False):
   """A drop-in for `lax.conv_general_dilated` for XLA:CPU: `direct_conv`'s
-  kernel where it applies, else output packing to ``lanes``. None when
-  ``lanes`` is 0: XLA's ordinary convolution everywhere."""
-  if lanes <= 0:
+  kernel where it applies and is faster (``direct``: the kernels are
+  available), else output packing to ``lanes`` (0: none). None when neither
+  is on: XLA's ordinary convolution everywhere."""
+  if lanes <= 0 and not direct:
     return None
-  return _direct_first(functools.partial(conv_general_dilated, lanes=lanes))
-
-
-# XLA:CPU option that keeps convolutions off YNNPACK (XLA's Eigen convs then
-# run them all); see `lanes_for`.
-NO_YNN_CONVS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def lanes_for(compiler_options: dict | None) -> int:
-  """Packing lanes for code compiled with ``compiler_options`` (CPU).
-
-  With `NO_YNN_CONVS` every conv runs on XLA's Eigen path, which was
-  fastest packed up to 32 channels (16 -> 16 at 32x32, 256 images: 15.8 ms
-  plain, 9.8 ms as 2 x 16 channels); otherwise convs wider than 16 channels
-  go to YNNPACK, where packing does not pay, so at most 16. 0 where
-  `default_lanes` is 0.
-  """
-  if default_lanes() == 0 or "LEGR_CONV_LANES" in os.environ:
-    return default_lanes()
-  opts = compiler_options or {}
-  if opts.get("xla_cpu_experimental_ynn_fusion_type", None) == "":
-    return 32
-  return default_lanes()
-
-
-def default_lanes() -> int:
-  """16 on a CPU backend with AVX-512 (where it was measured), else 0 (off).
-
-  ``LEGR_CONV_LANES`` overrides it (0 turns packing off).
-  """
-  env = os.environ.get("LEGR_CONV_LANES")
-  if env is not None:
-    return int(env)
-  if jax.default_backend() != "cpu":
-    return 0
-  return 16 if _cpu_has_avx512() else 0
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_has_avx512() -> bool:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return any(line.startswith("flags") and " avx512f" in line
-                 for line in f)
-  except OSError:
-    return False
+  packed = functools.partial(conv_general_dilated, lanes=max(0, lanes))
+  return _direct_first(packed) if direct else packed
 
 
 # --- training: packed forward and input gradient, XLA's kernel gradient ------
@@ -223,32 +178,33 @@ def _dgrad_padding(kernel_shape, padding):
   return ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
 
 
-def _direct_parts(lhs, rhs, window_strides, padding) -> tuple[bool, ...]:
+def _direct_parts(lhs, rhs, window_strides, padding,
+                  direct: bool) -> tuple[bool, ...]:
   """(forward, input_grad, kernel_grad): which parts of this conv's training
-  go to `direct_conv` (where it applies, is faster, and is available)."""
-  if not direct_conv.applies(lhs, rhs, window_strides, padding):
+  go to `direct_conv` (``direct``: kernels available; where it applies and
+  is faster)."""
+  if not direct or not direct_conv.applies(lhs, rhs, window_strides,
+                                           padding):
     return (False, False, False)
   hw, cin, cout = lhs.shape[1] * lhs.shape[2], rhs.shape[2], rhs.shape[3]
-  parts = tuple(direct_conv.faster_than_xla(p, hw, cin, cout)
-                for p in ("forward", "input_grad", "kernel_grad"))
-  if any(parts) and direct_conv.available():
-    return parts
-  return (False, False, False)
+  return tuple(direct_conv.faster_than_xla(p, hw, cin, cout)
+               for p in ("forward", "input_grad", "kernel_grad"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_train(lhs, rhs, window_strides, padding, lanes):
-  if _direct_parts(lhs, rhs, window_strides, padding)[0]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_train(lhs, rhs, window_strides, padding, lanes, direct):
+  if _direct_parts(lhs, rhs, window_strides, padding, direct)[0]:
     return direct_conv.forward(lhs, rhs)
   return conv_general_dilated(lhs, rhs, window_strides, padding,
                               dimension_numbers=_NHWC, lanes=lanes)
 
 
-def _conv_train_fwd(lhs, rhs, window_strides, padding, lanes):
-  return _conv_train(lhs, rhs, window_strides, padding, lanes), (lhs, rhs)
+def _conv_train_fwd(lhs, rhs, window_strides, padding, lanes, direct):
+  return (_conv_train(lhs, rhs, window_strides, padding, lanes, direct),
+          (lhs, rhs))
 
 
-def _conv_train_bwd(window_strides, padding, lanes, res, g):
+def _conv_train_bwd(window_strides, padding, lanes, direct, res, g):
   lhs, rhs = res
 
   def plain(l, r):
@@ -258,7 +214,8 @@ def _conv_train_bwd(window_strides, padding, lanes, res, g):
   if tuple(window_strides) != (1, 1) or min(min(p) for p in _dgrad_padding(
       rhs.shape, padding)) < 0:
     return jax.vjp(plain, lhs, rhs)[1](g)
-  _, use_dx, use_dk = _direct_parts(lhs, rhs, window_strides, padding)
+  _, use_dx, use_dk = _direct_parts(lhs, rhs, window_strides, padding,
+                                    direct)
   if use_dk:
     dk = direct_conv.kernel_grad(lhs, g)
   else:
@@ -280,7 +237,8 @@ _conv_train.defvjp(_conv_train_fwd, _conv_train_bwd)
 def conv_general_dilated_train(lhs, rhs, window_strides, padding,
                                lhs_dilation=None, rhs_dilation=None,
                                dimension_numbers=None, feature_group_count=1,
-                               precision=None, *, lanes: int, **kwargs):
+                               precision=None, *, lanes: int,
+                               direct: bool = False, **kwargs):
   """Like `conv_general_dilated`, differentiable with a packed input
   gradient (stride 1) and XLA's own kernel gradient, except for the parts
   `direct_conv` computes faster (3x3, stride 1, padding 1, float32)."""
@@ -291,15 +249,17 @@ def conv_general_dilated_train(lhs, rhs, window_strides, padding,
                   rhs_dilation, dimension_numbers, feature_group_count,
                   precision, **kwargs)
   return _conv_train(lhs, rhs, tuple(window_strides),
-                     tuple(tuple(p) for p in padding), lanes)
+                     tuple(tuple(p) for p in padding), lanes, direct)
 
 
 @functools.lru_cache(maxsize=None)
-def train_conv_fn(lanes: int):
+def train_conv_fn(lanes: int, direct: bool = False):
   """`conv_fn` for training: each of the forward conv, input gradient and
   kernel gradient from `direct_conv` where that is faster
-  (`direct_conv.faster_than_xla`), else packed forward and input gradient
-  and XLA's kernel gradient (None when ``lanes`` is 0)."""
-  if lanes <= 0:
+  (`direct_conv.faster_than_xla`; ``direct``: kernels available), else
+  packed forward and input gradient and XLA's kernel gradient (None when
+  neither packing nor ``direct`` is on)."""
+  if lanes <= 0 and not direct:
     return None
-  return functools.partial(conv_general_dilated_train, lanes=lanes)
+  return functools.partial(conv_general_dilated_train, lanes=max(0, lanes),
+                           direct=direct)

@@ -1,11 +1,18 @@
 // 3x3, stride-1, padding-1 float32 convolutions in NHWC/HWIO for XLA:CPU,
 // vectorized along the flattened, zero-padded image rows (see
-// legr_jax/models/direct_conv.py for why, how it is built and used).
+// legr_jax/cpu/direct_conv.py for why, how it is built and used).
+//
+// The vector width and the register blocking follow what the compiler
+// targets, never assumed: AVX-512 (__AVX512F__): 16 floats, blocked for 32
+// registers; AVX / AVX2 (__AVX__): 8 floats, 16 registers; anything else:
+// 4 floats (GCC vector extensions: SSE2 on x86-64, NEON on aarch64, scalar
+// code elsewhere), 16 registers.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ffi_tasks.h"
@@ -15,25 +22,70 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;  // floats per vector
+constexpr int kRegs = 32;   // vector registers
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+constexpr int kRegs = 16;
+#else
+// SSE2, NEON, or none. aarch64 has 32 vector registers, but GCC holds each
+// broadcast kernel value in one of them (FMA by element), so the 32-register
+// blocking spills there: the 16-register one is used.
+constexpr int kLanes = 4;
+constexpr int kRegs = 16;
+#endif
 
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
-inline v16 splat(float s) {
-  return v16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef float vfu __attribute__((vector_size(4 * kLanes), aligned(4)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+template <size_t... I>
+inline vf splat_lanes(float s, std::index_sequence<I...>) {
+  return vf{((void)I, s)...};
+}
+inline vf splat(float s) {
+  return splat_lanes(s, std::make_index_sequence<kLanes>());
 }
 // Keeps a loaded vector in a register: without it GCC folds the load into
-// every FMA that uses it (3 loads instead of 1 in the kernel gradient).
-inline v16 in_register(v16 v) {
-  asm("" : "+v"(v));
+// every FMA that uses it (in the kernel gradient: B or kGradTaps loads
+// instead of 1). An optimisation hint only (no instruction, no effect on
+// the values), with the register class of the target's vectors ("v" is
+// valid for a 64-byte vector only with AVX-512: issue 14); none elsewhere.
+inline vf in_register(vf v) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));  // zmm0-31
+#elif defined(__SSE2__)
+  asm("" : "+x"(v));  // xmm / ymm 0-15
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+  asm("" : "+w"(v));  // v0-31
+#endif
   return v;
 }
-inline float hsum(v16 v) {
+inline float hsum(vf v) {
   float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
+  for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
 }
+
+// Register blocking. Forward: kBlock output channels x kVecs vectors of
+// positions in accumulators, plus kVecs input vectors and one broadcast
+// kernel value: 6 x 4 + 5 = 29 of 32 registers, or 6 x 2 + 3 = 15 of 16.
+constexpr int kVecs = kRegs >= 32 ? 4 : 2;
+constexpr int64_t kBlock = 6;
+// Output positions per forward block; the grid's positions are a multiple.
+constexpr int64_t kPositions = kVecs * kLanes;
+// Kernel gradient: kGradBlock output channels x kGradTaps taps in
+// accumulators, plus kGradBlock output-gradient vectors and one input
+// vector: 3 x 9 + 4 = 31 of 32 registers, or (one kernel row of taps per
+// pass over the positions) 3 x 3 + 4 = 13 of 16.
+constexpr int kGradBlock = 3;
+constexpr int kGradTaps = kRegs >= 32 ? 9 : 3;
+static_assert(kBlock * kVecs + kVecs + 1 <= kRegs, "forward blocking");
+static_assert(kGradBlock * kGradTaps + kGradBlock + 1 <= kRegs,
+              "kernel gradient blocking");
+static_assert(9 % kGradTaps == 0, "taps per pass");
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -55,12 +107,12 @@ float* scratch(int slot, size_t floats) {
 // (r = n * (h + 1) + i) reads inputs p + kh * wp + kw.
 struct Geometry {
   int64_t h, w, wp, images;  // wp: padded row length
-  int64_t positions;  // flattened output positions, a multiple of 64
+  int64_t positions;  // flattened output positions, a multiple of kPositions
   int64_t stride;     // floats per channel of the padded input
   Geometry(int64_t h_, int64_t w_, int64_t images_)
       : h(h_), w(w_), wp(w_ + 1), images(images_) {
-    positions = round_up((images * (h + 1) - 1) * wp, 64);
-    stride = round_up(positions + 2 * wp + 2, 16);
+    positions = round_up((images * (h + 1) - 1) * wp, kPositions);
+    stride = round_up(positions + 2 * wp + 2, kLanes);
   }
   int64_t offset(int t) const { return (t / 3) * wp + t % 3; }
   int64_t out_pos(int64_t n, int64_t i, int64_t j) const {
@@ -138,34 +190,28 @@ __attribute__((noinline)) void fwd_block(const float* xp, const float* kt,
                                          float* of) {
   int64_t off[9];
   for (int t = 0; t < 9; ++t) off[t] = g.offset(t);
-  for (int64_t p0 = 0; p0 < g.positions; p0 += 64) {
-    v16 acc[B][4];
+  for (int64_t p0 = 0; p0 < g.positions; p0 += kPositions) {
+    vf acc[B][kVecs];
     for (int b = 0; b < B; ++b)
-      for (int j = 0; j < 4; ++j) acc[b][j] = v16{};
+      for (int j = 0; j < kVecs; ++j) acc[b][j] = vf{};
     for (int64_t ci = 0; ci < ci_count; ++ci) {
       const float* xc = xp + ci * g.stride + p0;
       const float* kc = kt + ci * 9 * B;
       for (int t = 0; t < 9; ++t) {
         const float* xt = xc + off[t];
-        v16 x0 = load(xt), x1 = load(xt + 16), x2 = load(xt + 32),
-            x3 = load(xt + 48);
+        vf xv[kVecs];
+        for (int j = 0; j < kVecs; ++j) xv[j] = load(xt + j * kLanes);
         for (int b = 0; b < B; ++b) {
-          v16 kb = splat(kc[t * B + b]);
-          acc[b][0] += kb * x0;
-          acc[b][1] += kb * x1;
-          acc[b][2] += kb * x2;
-          acc[b][3] += kb * x3;
+          vf kb = splat(kc[t * B + b]);
+          for (int j = 0; j < kVecs; ++j) acc[b][j] += kb * xv[j];
         }
       }
     }
     for (int b = 0; b < B; ++b)
-      for (int j = 0; j < 4; ++j) store(of + b * g.positions + p0 + 16 * j,
-                                        acc[b][j]);
+      for (int j = 0; j < kVecs; ++j)
+        store(of + b * g.positions + p0 + j * kLanes, acc[b][j]);
   }
 }
-
-// Output channels per register block of the forward conv.
-constexpr int64_t kBlock = 6;
 
 // y[n] = conv(x[n], k) for n in [n0, n1).
 void forward(const float* x, const float* k, float* y, int64_t n0, int64_t n1,
@@ -187,6 +233,7 @@ void forward(const float* x, const float* k, float* y, int64_t n0, int64_t n1,
     for (int64_t co0 = 0; co0 < co_count; co0 += kBlock) {
       const float* kb = kt + co0 * ci_count * 9;
       float* ob = of + co0 * g.positions;
+      static_assert(kBlock == 6, "the switch below");
       switch (std::min<int64_t>(kBlock, co_count - co0)) {
         case 6: fwd_block<6>(xp, kb, ci_count, g, ob); break;
         case 5: fwd_block<5>(xp, kb, ci_count, g, ob); break;
@@ -200,7 +247,8 @@ void forward(const float* x, const float* k, float* y, int64_t n0, int64_t n1,
   });
 }
 
-// part[co][ci][t] += sum_p dyf[co][p] * xp[ci][p + off_t], co in [co0, co0+B).
+// part[co][ci][t] += sum_p dyf[co][p] * xp[ci][p + off_t], co in [co0, co0+B),
+// kGradTaps taps per pass over the positions.
 template <int B>
 __attribute__((noinline)) void wgrad_block(const float* xp, const float* dyf,
                                            int64_t ci_count, const Geometry& g,
@@ -208,21 +256,24 @@ __attribute__((noinline)) void wgrad_block(const float* xp, const float* dyf,
   int64_t off[9];
   for (int t = 0; t < 9; ++t) off[t] = g.offset(t);
   for (int64_t ci = 0; ci < ci_count; ++ci) {
-    v16 acc[B][9];
-    for (int b = 0; b < B; ++b)
-      for (int t = 0; t < 9; ++t) acc[b][t] = v16{};
     const float* xc = xp + ci * g.stride;
-    for (int64_t p0 = 0; p0 < g.positions; p0 += 16) {
-      v16 d[B];
-      for (int b = 0; b < B; ++b) d[b] = load(dyf + b * g.positions + p0);
-      for (int t = 0; t < 9; ++t) {
-        v16 xv = in_register(load(xc + p0 + off[t]));
-        for (int b = 0; b < B; ++b) acc[b][t] += d[b] * xv;
+    for (int t0 = 0; t0 < 9; t0 += kGradTaps) {
+      vf acc[B][kGradTaps];
+      for (int b = 0; b < B; ++b)
+        for (int t = 0; t < kGradTaps; ++t) acc[b][t] = vf{};
+      for (int64_t p0 = 0; p0 < g.positions; p0 += kLanes) {
+        vf d[B];
+        for (int b = 0; b < B; ++b)
+          d[b] = in_register(load(dyf + b * g.positions + p0));
+        for (int t = 0; t < kGradTaps; ++t) {
+          vf xv = in_register(load(xc + p0 + off[t0 + t]));
+          for (int b = 0; b < B; ++b) acc[b][t] += d[b] * xv;
+        }
       }
+      for (int b = 0; b < B; ++b)
+        for (int t = 0; t < kGradTaps; ++t)
+          part[(b * ci_count + ci) * 9 + t0 + t] += hsum(acc[b][t]);
     }
-    for (int b = 0; b < B; ++b)
-      for (int t = 0; t < 9; ++t)
-        part[(b * ci_count + ci) * 9 + t] += hsum(acc[b][t]);
   }
 }
 
@@ -236,10 +287,11 @@ void wgrad(const float* x, const float* dy, float* part, int64_t n0,
     // Zeros at the grid's padding positions keep them out of the sums.
     std::memset(dyf, 0, sizeof(float) * co_count * g.positions);
     to_grid(dy + c0 * h * w * co_count, co_count, g, dyf);
-    for (int64_t co0 = 0; co0 < co_count; co0 += 3) {
+    static_assert(kGradBlock == 3, "the switch below");
+    for (int64_t co0 = 0; co0 < co_count; co0 += kGradBlock) {
       const float* db = dyf + co0 * g.positions;
       float* pb = part + co0 * ci_count * 9;
-      switch (std::min<int64_t>(3, co_count - co0)) {
+      switch (std::min<int64_t>(kGradBlock, co_count - co0)) {
         case 3: wgrad_block<3>(xp, db, ci_count, g, pb); break;
         case 2: wgrad_block<2>(xp, db, ci_count, g, pb); break;
         default: wgrad_block<1>(xp, db, ci_count, g, pb); break;

@@ -6,7 +6,8 @@
 // the CPU has it: the results then equal optax's bit for bit (tested).
 // Arguments: p_0..p_{n-1}, g_0..g_{n-1}, v_0..v_{n-1}; results: p'_0..,
 // v'_0.. (aliased with p and v by the caller). Work split over XLA's
-// intra-op threads in contiguous element ranges.
+// intra-op threads in contiguous element ranges. The loop is plain C++ that
+// the compiler vectorizes at the width of whatever it targets.
 #include <cstddef>
 #include <cstdint>
 #include <vector>

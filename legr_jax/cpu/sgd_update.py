@@ -16,8 +16,8 @@ The maths is `optim.make_optimizer`'s (optax ``add_decayed_weights`` then
 
 with multiply-adds contracted to FMA as XLA:CPU contracts them, so the
 kernel's results equal optax's bit for bit (tests/test_sgd_update.py).
-``LEGR_SGD_KERNEL=0`` (or no kernel: no compiler, not CPU) uses the same
-formula in jax.numpy.
+Without the kernel (``cpu_kernel=False``, no compiler, not a CPU) it is
+`legr_jax.ops.sgd_momentum_update`, the same formula in jax.numpy.
 """
 
 from __future__ import annotations
@@ -26,14 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from legr_jax.models import cpu_kernels
+from legr_jax import ops as ops_lib
+from legr_jax.cpu import kernels
 
 _TARGET = "legr_sgd_update"
-
-
-def available() -> bool:
-  """CPU backend, ``LEGR_SGD_KERNEL`` not 0, and the kernels built."""
-  return cpu_kernels.available("LEGR_SGD_KERNEL")
 
 
 def sgd_update(params, grads, trace, *, lr: float, momentum: float,
@@ -44,7 +40,7 @@ def sgd_update(params, grads, trace, *, lr: float, momentum: float,
     params, grads, trace: pytrees of the same structure and float32 leaves of
       the same shapes (``trace``: the momentum buffer, zeros at the start).
     lr, momentum, weight_decay: Python floats (compile-time constants).
-    cpu_kernel: use the C++ kernel (default: `available`).
+    cpu_kernel: use the C++ kernel (default: `kernels.available()`).
   Returns:
     ``(params, trace)`` with the structure of the inputs.
   """
@@ -56,12 +52,12 @@ def sgd_update(params, grads, trace, *, lr: float, momentum: float,
       raise ValueError(f"sgd_update: shapes differ: param {p.shape}, grad "
                        f"{g.shape}, trace {v.shape}")
   if cpu_kernel is None:
-    cpu_kernel = available()
+    cpu_kernel = kernels.available()
   use_kernel = (cpu_kernel and leaves and
                 all(x.dtype == jnp.float32
                     for x in leaves + g_leaves + v_leaves))
   if use_kernel:
-    cpu_kernels.require("SGD update")
+    kernels.require("SGD update")
     n = len(leaves)
     out_types = [jax.ShapeDtypeStruct(p.shape, jnp.float32)
                  for p in leaves] * 2
@@ -75,14 +71,10 @@ def sgd_update(params, grads, trace, *, lr: float, momentum: float,
                                 momentum=np.float32(momentum),
                                 weight_decay=np.float32(weight_decay))
     new_p, new_v = outs[:n], outs[n:]
-  else:
-    new_p, new_v = [], []
-    for p, g, v in zip(leaves, g_leaves, v_leaves):
-      u = g + weight_decay * p
-      v = u + momentum * v
-      new_v.append(v)
-      new_p.append(p + (-lr) * v)
-  return treedef.unflatten(new_p), treedef.unflatten(new_v)
+    return treedef.unflatten(new_p), treedef.unflatten(new_v)
+  return ops_lib.sgd_momentum_update(params, grads, trace, lr=lr,
+                                     momentum=momentum,
+                                     weight_decay=weight_decay)
 
 
-__all__ = ["available", "sgd_update"]
+__all__ = ["sgd_update"]

@@ -1,10 +1,11 @@
 // Per-channel sums of [..., W, C] float32 tensors for BatchNorm on XLA:CPU
-// (see legr_jax/models/channel_sums.py for why and where they are used).
+// (see legr_jax/cpu/channel_sums.py for why and where they are used).
 // The tensor is read once as rows of L = W * C floats: each task sums its
 // rows lane by lane in float over blocks of kBlockRows rows, adds each
 // block into double partial sums, and the last task folds the lanes of
 // every channel and the tasks' partials in a fixed order (deterministic for
-// a given thread count).
+// a given thread count). The lane loops are plain C++ that the compiler
+// vectorizes at the width of whatever it targets (no width assumed here).
 #include <algorithm>
 #include <cstdint>
 #include <memory>
@@ -127,7 +128,8 @@ ffi::Future CenteredSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   const RowView v = row_view(x.dimensions());
   auto dd = dy.dimensions(), xd = x.dimensions();
   if (!std::equal(dd.begin(), dd.end(), xd.begin(), xd.end()) ||
-      mean.element_count() != v.channels || inv.element_count() != v.channels)
+      static_cast<int64_t>(mean.element_count()) != v.channels ||
+      static_cast<int64_t>(inv.element_count()) != v.channels)
     return legr::failed("legr centered sums: expected dy and x of one shape "
                         "[..., C] and mean, inv [C]");
   if (v.rows == 0) return legr::failed("legr centered sums: empty input");

@@ -1,7 +1,8 @@
 // Splitting an XLA FFI call's work over XLA:CPU's intra-op thread pool,
-// shared by the C++ kernels of legr_jax/models (see cpu_kernels.py).
-#ifndef LEGR_JAX_MODELS_FFI_TASKS_H_
-#define LEGR_JAX_MODELS_FFI_TASKS_H_
+// shared by legr_jax's C++ kernels (legr_jax/cpu/csrc; built by
+// legr_jax/cpu/kernels.py).
+#ifndef LEGR_JAX_CPU_CSRC_FFI_TASKS_H_
+#define LEGR_JAX_CPU_CSRC_FFI_TASKS_H_
 
 #include <algorithm>
 #include <atomic>
@@ -58,4 +59,4 @@ inline ffi::Future failed(const std::string& message) {
 
 }  // namespace legr
 
-#endif  // LEGR_JAX_MODELS_FFI_TASKS_H_
+#endif  // LEGR_JAX_CPU_CSRC_FFI_TASKS_H_

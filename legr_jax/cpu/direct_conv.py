@@ -36,17 +36,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from legr_jax.models import cpu_kernels
+from legr_jax.cpu import kernels
 
 _FORWARD = "legr_direct_conv3x3_forward"
 _KERNEL_GRAD = "legr_direct_conv3x3_kernel_grad"
-
-
-def available() -> bool:
-  """True when the kernels may be used: CPU backend, ``LEGR_DIRECT_CONV`` not
-  0, and the kernels built and registered (`cpu_kernels`; built on the first
-  call)."""
-  return cpu_kernels.available("LEGR_DIRECT_CONV")
 
 
 def applies(lhs, rhs, window_strides, padding) -> bool:
@@ -80,7 +73,7 @@ def faster_than_xla(part: str, hw: int, cin: int, cout: int) -> bool:
 
 def forward(x, k):
   """The forward conv alone (not differentiable; `conv3x3` is)."""
-  cpu_kernels.require("direct conv")
+  kernels.require("direct conv")
   out = jax.ShapeDtypeStruct(x.shape[:3] + (k.shape[3],), jnp.float32)
   return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(x, k)
 
@@ -88,7 +81,7 @@ def forward(x, k):
 def kernel_grad(x, dy):
   """``d conv3x3(x, k) / dk`` applied to the output cotangent ``dy`` ->
   [3, 3, I, O]."""
-  cpu_kernels.require("direct conv")
+  kernels.require("direct conv")
   out = jax.ShapeDtypeStruct((3, 3, x.shape[3], dy.shape[3]), jnp.float32)
   return jax.ffi.ffi_call(_KERNEL_GRAD, out, vmap_method="sequential")(x, dy)
 
