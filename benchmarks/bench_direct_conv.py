@@ -49,7 +49,13 @@ def main():
   p.add_argument("--lanes", type=int, default=None,
                  help="output packing of the XLA side (default: "
                  "legr_jax.cpu.packing_lanes; 0: XLA's plain convs)")
+  p.add_argument("--kernel_flags", default="",
+                 help="extra C++ flags of the kernel build, e.g. "
+                 "-mno-avx512f (with XLA_FLAGS=--xla_cpu_max_isa=AVX2 this "
+                 "CPU acts as an AVX2 one)")
   args = p.parse_args()
+  if args.kernel_flags:
+    kernels.use_flags(*args.kernel_flags.split())
   if not kernels.available():
     sys.exit("the C++ kernels are not available here (see the warning "
              "above)")
@@ -61,7 +67,7 @@ def main():
   prov = provenance.collect()
   print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores "
         f"({prov.get('cpu_model')}), XLA ISA {cpu.xla_isa()}, kernels built "
-        f"for {kernels.target_isa()}, batch {args.batch}, packing lanes "
+        f"for {cpu.kernel_isa()}, batch {args.batch}, packing lanes "
         f"{lanes}; ms (median of {args.repeats})")
   print(f"{'shape':>14s} | {'forward':>15s} | {'input grad':>15s} | "
         f"{'kernel grad':>15s}")

@@ -23,7 +23,7 @@ compiled blocks shared across candidates, ``workers`` threads) or 'masked'
 the next ``--candidates`` (steady state); the figure compared with PyTorch is
 the median seconds per candidate of the steady state, as the reference's
 1.53 s is a median over 207 candidates. At tau_hat > 0 a candidate takes
-~100 s, so instead of warm-up candidates the steady state of a long search
+minutes, so instead of warm-up candidates the steady state of a long search
 is reached with ``--warm_validation`` other candidates' validation passes
 (the compiled validation blocks a long search has met) and one compiled SGD
 step (the process's one-time costs); every measured candidate still
@@ -43,7 +43,7 @@ import warnings
 import jax
 import numpy as np
 
-from legr_jax import data, models, ops, provenance, train
+from legr_jax import cpu, data, models, ops, provenance, train
 from legr_jax.cpu import malloc_tuning
 from legr_jax.search import evolution, fitness
 from legr_jax.search.blockwise import BlockwiseExecutor
@@ -199,8 +199,17 @@ def main():
                  "unpacked (PyTorch: 0.50 s per step on this CPU)")
   p.add_argument("--cpu_kernels", default="auto", choices=ops.CPU_KERNELS,
                  help="legr_jax.ops.resolve setting of the network's ops")
+  p.add_argument("--lanes", type=int, default=None,
+                 help="CPU: output packing width instead of "
+                 "legr_jax.cpu.packing_lanes' (0: none)")
+  p.add_argument("--kernel_flags", default="",
+                 help="extra C++ flags of the kernel build, e.g. "
+                 "-mno-avx512f (an AVX2 build; with XLA_FLAGS="
+                 "--xla_cpu_max_isa=AVX2 this CPU acts as an AVX2 one)")
   p.add_argument("--json_out", default=None)
   args = p.parse_args()
+  if args.kernel_flags:
+    cpu.kernels.use_flags(*args.kernel_flags.split())
 
   if not os.path.exists(args.data):
     sys.exit(f"data not found: {args.data}")
@@ -216,10 +225,15 @@ def main():
     variables = jax.device_get(net.init(jax.random.key(0)))
     origin = "randomly initialised"
   net = net.with_ops(ops.resolve(args.cpu_kernels))
+  if args.lanes is not None and net.ops is not ops.XLA:
+    net = net.with_ops(cpu.ops(
+        use_kernels="required" if args.cpu_kernels == "on" else "auto",
+        lanes=args.lanes))
   prov = provenance.collect()
   print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, "
-        f"{os.cpu_count()} CPU cores ({prov.get('cpu_model')}), jax "
-        f"{jax.__version__}; ops {net.ops.name}; load average "
+        f"{os.cpu_count()} CPU cores ({prov.get('cpu_model')}, XLA ISA "
+        f"{cpu.xla_isa()}, kernels {cpu.kernel_isa()}"
+        f"), jax {jax.__version__}; ops {net.ops.name}; load average "
         f"{os.getloadavg()[0]:.2f}")
   print(f"{net.name} ({origin}), {len(ds.val)} validation images, batch "
         f"{args.batch}, FLOPs target {args.flops}, safeguard "

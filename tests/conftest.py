@@ -51,3 +51,16 @@ def perturbed_variables(net, seed):
 @pytest.fixture(params=ALL_MODELS)
 def model_name(request):
   return request.param
+
+
+# The edit loop (`pytest -m "not slow"`) runs the light models only; CI runs
+# everything.
+HEAVY_MODELS = frozenset(ALL_MODELS) - {"cnn_small", "resnet20"}
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if any(isinstance(v, str) and v in HEAVY_MODELS for v in params.values()):
+      item.add_marker(pytest.mark.slow)

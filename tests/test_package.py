@@ -75,6 +75,7 @@ def wheel(source_copy, tmp_path_factory):
   return wheels[0]
 
 
+@pytest.mark.slow
 @needs_build
 def test_wheel_contents(wheel):
   with zipfile.ZipFile(wheel) as z:
@@ -111,6 +112,7 @@ def test_wheel_contents(wheel):
              for r in requires), requires
 
 
+@pytest.mark.slow
 @needs_build
 def test_installed_wheel_finds_its_kernel_sources(wheel, tmp_path):
   """The wheel unpacked as site-packages: kernels.py's sources are there."""
@@ -131,6 +133,7 @@ def test_installed_wheel_finds_its_kernel_sources(wheel, tmp_path):
   assert got["missing"] == [] and got["n"] > 0, got
 
 
+@pytest.mark.slow
 @needs_build
 def test_sdist_contents(source_copy, tmp_path):
   code = ("import sys; from setuptools import build_meta\n"

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_and_resume(tmp_path):
   wd = str(tmp_path / "legr")
   cmd = [sys.executable, "-m", "experiments.legr_pipeline", f"--workdir={wd}",

@@ -24,6 +24,7 @@ def baseline(tmp_path_factory):
   return wd
 
 
+@pytest.mark.slow
 def test_prune_family_and_pareto_set(baseline, tmp_path):
   from legr_jax import pareto  # pylint: disable=g-import-not-at-top
   wd = str(tmp_path / "pruned")
@@ -53,6 +54,7 @@ def test_missing_ranking_is_a_clear_error(baseline, tmp_path):
   assert "learn_ranking" in r.stderr
 
 
+@pytest.mark.slow
 def test_round_to_gives_aligned_widths(baseline, tmp_path):
   from legr_jax import models  # pylint: disable=g-import-not-at-top
   wd = str(tmp_path / "aligned")

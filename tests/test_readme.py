@@ -41,6 +41,7 @@ def test_python_blocks_extraction():
   assert python_blocks(text) == [(2, "a = 1\n"), (8, "b = 2\nc = 3\n")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,code", _BLOCKS,
                          ids=[f"README.md:{line}" for line, _ in _BLOCKS])
 def test_readme_python_block_runs(line, code, tmp_path):

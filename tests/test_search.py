@@ -453,7 +453,6 @@ def test_resnet20_on_cifar_subset_backends_agree():
 _DEVICES = textwrap.dedent("""
     import json, sys, tempfile
     import jax, numpy as np
-    sys.path.insert(0, "tests")
     from conftest import perturbed_variables
     from legr_jax import data, models, search
     from legr_jax.search import evolution, fitness
@@ -489,11 +488,13 @@ _DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_same_result_on_one_and_four_devices(rgb_npz):
   proc = subprocess.run(
       [sys.executable, "-c", _DEVICES, rgb_npz], capture_output=True,
       text=True, cwd=ROOT, timeout=400, check=False,
-      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])))
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
   out = json.loads(line[len("RESULT"):])
@@ -532,6 +533,7 @@ def _cli(workdir, baseline, *extra):
                         text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_to_the_same_result(baseline, tmp_path):
   ref = tmp_path / "ref"
   proc = _cli(ref, baseline, "--candidates_per_round=2")
@@ -587,6 +589,7 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sliced", "masked"])
 def test_two_processes_give_the_one_process_result(baseline, tmp_path,
                                                    backend):
@@ -626,9 +629,11 @@ def test_two_processes_give_the_one_process_result(baseline, tmp_path,
 
 
 def test_learned_ranking_beats_the_identity_ranking(baseline, tmp_path):
-  """On a trained network the search finds a ranking at least as good as
-  plain L2 (the identity member is in the initial population) and the
-  stored ranking reproduces its loss."""
+  """On a trained network the search finds a ranking strictly better than
+  plain L2 (whose loss is recomputed here, the plain way), and the stored
+  ranking reproduces its loss. The identity is evaluation 0 of the search,
+  so `<=` would hold by construction; strictly lower needs evolution to
+  have found something."""
   net, v, tconf = train.load_trained(baseline)
   with pytest.warns(UserWarning):
     ds = data.get_dataset(tconf.dataset, val_size=tconf.val_size, seed=0)
@@ -637,9 +642,15 @@ def test_learned_ranking_beats_the_identity_ranking(baseline, tmp_path):
                             candidates_per_round=4, eval_batch_size=64)
   r = search.search(cfg, str(tmp_path / "s"), net=net, variables=v,
                     dataset=ds, progress=False, log=lambda s: None)
-  assert r.loss <= r.result["identity_loss"]
-  ranking_ = search.load_ranking(str(tmp_path / "s"))
   names = net.spec.layer_names
+  identity, _ = _direct_loss(net, v, ds, np.ones(len(names), np.float32),
+                             np.zeros(len(names), np.float32),
+                             cfg.fitness_config())
+  assert r.result["identity_loss"] == pytest.approx(identity, rel=1e-4)
+  # strictly lower (here 2.313 vs 2.330: the tiny baseline is near chance
+  # at 30% FLOPs); equality would mean the search found nothing
+  assert r.loss <= identity - 0.005, (r.loss, identity)
+  ranking_ = search.load_ranking(str(tmp_path / "s"))
   direct, masks = _direct_loss(
       net, v, ds, np.array([ranking_[n][0] for n in names], np.float32),
       np.array([ranking_[n][1] for n in names], np.float32),

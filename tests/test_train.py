@@ -246,6 +246,7 @@ _TWO_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_devices_give_the_same_result_as_one():
   proc = subprocess.run(
       [sys.executable, "-c", _TWO_DEVICES], capture_output=True, text=True,
@@ -267,6 +268,7 @@ def _leaves(variables):
   return [np.asarray(a) for a in jax.tree.leaves(variables)]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_params(tiny_npz, tmp_path):
   cfg = _tiny_config(tiny_npz)
   ref = train.fit(cfg, str(tmp_path / "ref"), progress=False)

@@ -62,6 +62,15 @@ def xla_isa() -> str:
   return isa
 
 
+def kernel_isa() -> str:
+  """What the C++ kernels are (or would be) built for here: 'avx512',
+  'avx2', 'avx', 'neon', 'generic'; 'none' without a compiler."""
+  try:
+    return kernels.target_isa(extra_flags=kernels.flags())
+  except RuntimeError:
+    return "none"
+
+
 def packing_lanes(compiler_options: dict | None = None,
                   isa: str | None = None) -> int:
   """Output-packing width (`conv_packing`) that pays on this CPU; 0: off.
@@ -131,4 +140,4 @@ def _kernel_sgd_update(params, grads, trace, *, lr, momentum, weight_decay):
                                    weight_decay=weight_decay, cpu_kernel=True)
 
 
-__all__ = ["KERNEL_MODES", "ops", "packing_lanes", "xla_isa"]
+__all__ = ["KERNEL_MODES", "kernel_isa", "ops", "packing_lanes", "xla_isa"]

@@ -7,17 +7,16 @@ inputs); running averages
 ``momentum * old + (1 - momentum) * batch``), so checkpoints are
 interchangeable. What differs is how the per-channel sums are taken.
 
-XLA:CPU rewrites a sum of an [N, H, W, C] tensor over (N, H, W) into a
-windowed tree reduction that reads the tensor with stride C; with convs kept
-off YNNPACK (`legr_jax.compile_options.CPU`), those reductions and their
-unfused ``x * x`` cost 206 of the 675 ms of op time of one SGD step of a
-47%-FLOPs sliced ResNet-56 (batch 128). `column_sums` views the tensor as
-[N * H, W * C] instead: a reduction over the major axis, contiguous rows,
-then a small [W, C] fold. `batch_norm_train` has a custom VJP so that the
-backward pass's two per-channel sums (of dy and of dy * x_hat) take the same
-path instead of the reductions autodiff would emit. With ``cpu_kernel``
-(the CPU fast paths of `conv_packing`), the four sums are one-pass C++
-kernels instead (`channel_sums`), where available.
+Why: XLA:CPU rewrites a sum of an [N, H, W, C] tensor over (N, H, W) into a
+windowed tree reduction that reads the tensor with stride C, a large share
+of a training step's time (benchmarks/RESULTS.md). `column_sums` views the
+tensor as [N * H, W * C] instead: a reduction over the major axis,
+contiguous rows, then a small [W, C] fold. `batch_norm_train` has a custom
+VJP so that the backward pass's two per-channel sums (of dy and of
+dy * x_hat) take the same path instead of the reductions autodiff would
+emit. With ``cpu_kernel`` (set by `legr_jax.cpu.ops` with
+``channel_sums=True`` where the C++ kernels are available), the four sums
+of float32 tensors are one-pass C++ kernels instead (`channel_sums`).
 """
 
 from __future__ import annotations
@@ -69,7 +68,8 @@ def batch_norm_train(x, scale, bias, eps: float, cpu_kernel: bool = False):
   scale combined), mean and biased var [C] float32 (float64 for float64
   x). Differentiable in x, scale and bias (mean and var included).
   ``cpu_kernel``: take the per-channel sums of float32 tensors with
-  `channel_sums` where it is available (same values to float32 rounding).
+  `channel_sums` (same values to float32 rounding; the kernels must be
+  available, else RuntimeError).
   """
   return _forward(x, scale, bias, eps, cpu_kernel)[0]
 

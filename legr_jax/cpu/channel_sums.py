@@ -4,18 +4,17 @@ Why: a training-mode BatchNorm needs two per-channel sums in the forward
 pass (of x and x^2) and two in the backward pass (of dy and dy * x_hat).
 XLA:CPU materializes the products and reduces them with windowed tree
 reductions (`batchnorm.column_sums`), several passes over a tensor that one
-pass can sum: in the tau_hat SGD step of a 47%-FLOPs sliced ResNet-56 those
-fusions and reductions took ~100 of its ~490 ms (2-core AVX-512 CPU).
+pass can sum (figures: benchmarks/RESULTS.md).
 
-How (`channel_sums.cc`): the tensor [..., W, C] is read once as rows of
-W * C floats, summed lane by lane in float over blocks of 32 rows and in
+How (`csrc/channel_sums.cc`): the tensor [..., W, C] is read once as rows
+of W * C floats, summed lane by lane in float over blocks of 32 rows and in
 double across blocks, split over XLA's intra-op threads, and the lanes of a
 channel folded at the end; the moments are finished in double. So the
 results are at least as accurate as XLA's float32 reductions.
 
-Where: `batchnorm.batch_norm_train(..., cpu_kernel=True)`, which the model
-blocks ask for when a network's CPU fast paths are on (``conv_lanes`` > 0)
-and `available` says yes. ``LEGR_CHANNEL_SUMS=0`` turns it off.
+Where: `batchnorm.batch_norm_train(..., cpu_kernel=True)`, which
+`legr_jax.cpu.ops` selects (``channel_sums=True``, the default) where the
+C++ kernels are available (`kernels.available`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Output packing: fast convolutions with few output channels on XLA:CPU.
 
-XLA:CPU runs a convolution with few output channels (the common case in a
-pruned network: 4, 6, 8 of 16) at a fraction of its usual speed: its
-convolution kernels fill SIMD vectors along the output channels, so a 16 ->
-4 conv takes as long as a 16 -> 16 one (measured on an AVX-512 CPU: 16.4 ms
-vs 15 ms for 256 images of 32x32).
+Why: XLA:CPU's convolution kernels fill SIMD vectors along the output
+channels, so a pruned network's narrow convs (4, 6, 8 of 16 channels) take
+about as long as full-width ones (figures: benchmarks/RESULTS.md).
 
 Packing computes ``P`` horizontally adjacent output pixels as ``P * C_out``
 channels of one conv with stride ``P`` along the width and a kernel ``P - 1``
@@ -13,30 +11,22 @@ columns wider (zeros where a pixel does not see a tap). Its output
 unpacking is a free reshape (strided convs likewise, with a stride ``s * P``
 and a kernel ``s * (P - 1)`` columns wider). The result equals the ordinary
 convolution up to float summation order; it costs ``(s * (P - 1) + kw) /
-kw`` times the MACs but fills the vectors. Measured (256 images, 32x32,
-AVX-512): 16->4 16.4 -> 6.2 ms, 16->8 15.0 -> 10.3 ms, 8->4 15.4 -> 3.4 ms,
-4->4 9.0 -> 3.3 ms.
+kw`` times the MACs but fills the vectors.
 
-Since `direct_conv` (a C++ kernel vectorized along the image rows, not the
-channels) takes the 3x3 stride-1 convs where it is faster, packing is left
-with the stride-2 convs and the wide ones it still serves; `conv_fn` and
-`train_conv_fn` make that choice per conv.
+`conv_fn` and `train_conv_fn` choose per conv: `direct_conv` (a C++ kernel
+vectorized along the image rows) where it applies and is faster, otherwise
+packing to ``lanes`` (`legr_jax.cpu.packing_lanes`: 0, off, except on
+AVX-512).
 
 Only the compute layout changes: parameters, outputs and gradients are those
 of the ordinary convolution. FLOPs accounting (`legr_jax.cost`) counts the
 logical convolution.
 
-Training (`train_conv_fn`, used by `blocks.ConvBN` with ``train=True``) has
-its own VJP: the forward conv and, for stride 1, the input gradient (itself
-a stride-1 conv of the output gradient with the flipped kernel) are packed;
-the kernel gradient is XLA's own. Differentiating the packed forward instead
-ran slower (its kernel gradient has the extra zero taps): one SGD step of a
-47%-FLOPs sliced ResNet-56, batch 128, 1.12-1.22 s vs 1.06 s plain; packing
-the kernel gradient by hand was no faster either (16->16 at 32x32: 15.7 ms
-with P = 2 vs 11.1 ms plain), nor was one GEMM over the flattened padded
-image with the narrow operand's kh*kw shifts gathered beside each other
-(128 images at 32x32: 16->2 6.2 vs 10.6 ms, but 16->7 36 vs 11.5 ms and
-16->16 68 vs 11.0 ms: XLA:CPU's minor-axis concatenation is the cost).
+Training (`train_conv_fn`, the ``train_conv`` of `legr_jax.cpu.ops`) has its
+own VJP: the forward conv and, for stride 1, the input gradient (itself a
+stride-1 conv of the output gradient with the flipped kernel) are packed;
+the kernel gradient is XLA's own (differentiating the packed forward, or
+packing the kernel gradient, measured slower: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -57,11 +47,11 @@ def packing_factor(in_channels: int, out_channels: int, width: int,
   """Pixels packed per conv output position (1: no packing).
 
   The largest power of two ``P <= 4`` with ``P * out_channels <= lanes``
-  that divides the output ``width`` (8 was never clearly better when
-  measured); 1 when ``lanes`` is 0, the kernel is 1 wide
-  (packing a 1x1 conv only multiplies its MACs), ``in_channels > lanes``
-  (XLA:CPU then hands the conv to a library that does not gain from
-  packing: 32 -> 7 channels ran 1.4x slower packed) or no ``P > 1`` fits.
+  that divides the output ``width`` (8 was not clearly better); 1 when
+  ``lanes`` is 0, the kernel is 1 wide (packing a 1x1 conv only multiplies
+  its MACs), ``in_channels > lanes`` (XLA:CPU then hands the conv to a
+  library that does not gain from packing; measured slower:
+  benchmarks/RESULTS.md) or no ``P > 1`` fits.
   """
   if lanes <= 0 or kernel_width <= 1 or in_channels > lanes:
     return 1

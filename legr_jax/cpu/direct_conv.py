@@ -6,29 +6,28 @@ each SIMD vector, and its kernel gradient im2col's the input (plus two
 transposes), so it costs the same at 2 output channels as at 16. Training a
 pruned candidate for LeGR's ``tau_hat`` steps on a CPU is mostly these convs.
 
-How: `direct_conv.cc` lays a chunk of images out channel-major with zero
-padding (one zero row between stacked images, one shared zero column
-between rows) and vectorizes along the flattened rows, 16 positions per
-vector, so the vector width no longer depends on the channel counts: the
-forward conv keeps up to 6 output channels x 64 positions in registers, the
-kernel gradient 3 output channels x 9 taps. The input gradient is the
-forward kernel run on the output gradient with the flipped, in/out-swapped
-kernel. Images are split over XLA's own intra-op thread pool (no extra
-threads competing with XLA's); the kernel gradient sums the tasks' partial
-sums in a fixed order (deterministic for a given thread count).
+How: `csrc/direct_conv.cc` lays a chunk of images out channel-major with
+zero padding (one zero row between stacked images, one shared zero column
+between rows) and vectorizes along the flattened rows, so the vector width
+no longer depends on the channel counts. The width is the compiler
+target's: 16 floats with AVX-512, 8 with AVX/AVX2, 4 otherwise (register
+blocking to match; see the top of ``direct_conv.cc``). The input gradient
+is the forward kernel run on the output gradient with the flipped,
+in/out-swapped kernel. Images are split over XLA's own intra-op thread pool
+(no extra threads competing with XLA's); the kernel gradient sums the
+tasks' partial sums in a fixed order (deterministic for a given thread
+count).
 
-Where it is used: `conv_packing.conv_fn` / `train_conv_fn` (the CPU conv
-paths, on when a network's ``conv_lanes`` > 0) send each of a conv's
-forward, input gradient and kernel gradient here where `faster_than_xla`
-says so, by `benchmarks/bench_direct_conv.py`'s table (narrow convs and
-large images win several-fold; at 32+ channels on both sides XLA's own
-kernels stay).
+Where it is used: where `legr_jax.cpu.ops` finds the C++ kernels available
+(and ``direct_conv=True``), `conv_packing.conv_fn` / `train_conv_fn` send
+each of a conv's forward, input gradient and kernel gradient here where
+`faster_than_xla` says so.
 
 Scope: 2-D NHWC/HWIO, 3x3 kernel, stride 1, padding 1, no dilation or
-groups, float32 — the bulk of CIFAR ResNets. Everything else stays XLA's.
-The kernel is compiled on first use (`cpu_kernels`: g++ for the host CPU,
-cached). No compiler, a failed build or ``LEGR_DIRECT_CONV=0``: XLA's
-convolutions are used (one warning says why). First-order gradients only.
+groups, float32: the bulk of CIFAR ResNets. Everything else stays XLA's.
+The kernel is built on first use (`kernels`: the host's C++ compiler,
+``-march=native``, cached); no compiler or a failed build: XLA's
+convolutions (one warning says why). First-order gradients only.
 """
 
 from __future__ import annotations
@@ -55,14 +54,14 @@ def applies(lhs, rhs, window_strides, padding) -> bool:
 def faster_than_xla(part: str, hw: int, cin: int, cout: int) -> bool:
   """Whether the direct kernel beat XLA:CPU (output packing included) for
   ``part`` ('forward', 'input_grad' or 'kernel_grad') of a conv over
-  ``hw`` pixels per image from ``cin`` to ``cout`` channels.
+  ``hw`` pixels per image from ``cin`` to ``cout`` channels (another
+  ``part``: ValueError).
 
-  Measured by `benchmarks/bench_direct_conv.py` (2-core AVX-512 CPU, 128
-  images): forward and input gradient win when one side has at most 16
-  channels (32x32 16->4: 5.9 -> 1.8 ms) and lose when both have 32 or more
-  (8x8 64->64: 3.4 vs 4.6 ms: XLA's Eigen kernels fill 32 lanes there and
-  this layout pads 8x8 images to 9x9); the kernel gradient wins from 16x16
-  pixels up (16x16 32->32: 7.6 -> 5.4 ms) and loses at 8x8 (4.7 vs 5.8 ms).
+  Forward and input gradient: when one side has at most 16 channels (with
+  32 or more on both, XLA's kernels fill their vectors and this layout
+  pads 8x8 images to 9x9). Kernel gradient: from 16x16 pixels up
+  (``hw >= 256``). Read off `benchmarks.bench_direct_conv`'s table on an
+  AVX-512 CPU (benchmarks/RESULTS.md); the same rule is used on every ISA.
   """
   if part in ("forward", "input_grad"):
     return min(cin, cout) <= 16

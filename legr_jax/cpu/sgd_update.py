@@ -1,13 +1,14 @@
 """SGD with momentum and coupled weight decay as one pure function over
 parameter pytrees, with every array updated in one C++ call on XLA:CPU.
 
-Why: in a compiled training step the optax update of `optim.make_optimizer`
-becomes ~2-3 small XLA fusions per parameter array (~450 for ResNet-56),
-each a kernel XLA:CPU generates code for at every compile and a thunk it
-runs at every step. The tau_hat search compiles one step per candidate
-(`search.fitness.sliced_sgd`), so that code generation is paid per
-candidate. One FFI call (`sgd_update.cc`, variadic, results aliased with the
-parameters and the trace) replaces them.
+Why: in a compiled training step the optax update of
+`legr_jax.train.optim.make_optimizer` becomes a few small XLA fusions per
+parameter array (hundreds for ResNet-56), each a kernel XLA:CPU generates
+code for at every compile and a thunk it runs at every step. The tau_hat
+search compiles one step per candidate (`legr_jax.search.fitness.sliced_sgd`),
+so that code generation is paid per candidate. One FFI call
+(`csrc/sgd_update.cc`, variadic, results aliased with the parameters and the
+trace) replaces them (figures: benchmarks/RESULTS.md).
 
 The maths is `optim.make_optimizer`'s (optax ``add_decayed_weights`` then
 ``sgd`` with momentum, no Nesterov) in the same order::
@@ -16,8 +17,9 @@ The maths is `optim.make_optimizer`'s (optax ``add_decayed_weights`` then
 
 with multiply-adds contracted to FMA as XLA:CPU contracts them, so the
 kernel's results equal optax's bit for bit (tests/test_sgd_update.py).
-Without the kernel (``cpu_kernel=False``, no compiler, not a CPU) it is
-`legr_jax.ops.sgd_momentum_update`, the same formula in jax.numpy.
+Without the kernel (``cpu_kernel`` False, or None where the kernels are
+unavailable, or a leaf not float32) it is `legr_jax.ops.sgd_momentum_update`,
+the same formula in jax.numpy.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ def sgd_update(params, grads, trace, *, lr: float, momentum: float,
   """One step: ``(params, trace) -> (new params, new trace)``.
 
   Args:
-    params, grads, trace: pytrees of the same structure and float32 leaves of
-      the same shapes (``trace``: the momentum buffer, zeros at the start).
+    params, grads, trace: pytrees of the same structure and leaves of the
+      same shapes (``trace``: the momentum buffer, zeros at the start);
+      the kernel takes float32 leaves only (else jax.numpy). Shapes that
+      differ: ValueError.
     lr, momentum, weight_decay: Python floats (compile-time constants).
-    cpu_kernel: use the C++ kernel (default: `kernels.available()`).
+    cpu_kernel: use the C++ kernel (default: `kernels.available()`; True
+      where they are unavailable: RuntimeError).
   Returns:
     ``(params, trace)`` with the structure of the inputs.
   """

@@ -29,26 +29,16 @@ Two interchangeable backends compute the same losses (to float tolerance):
   the trained weights go back into a full-size copy
   (`surgery.embed_arrays`) for that bucketed validation pass. Candidates
   run concurrently on a thread pool, one device each (round robin). Best on
-  CPU (see benchmarks/bench_search.py for the measurements).
+  CPU.
 
-``'auto'`` picks 'sliced' on CPU and 'masked' on accelerators. Measured on
-the 2-core CPU (ResNet-56, 1,000 images, 47% FLOPs, tau_hat = 0, seconds per
-fresh candidate, benchmarks/bench_search.py): sliced K=4 on 2 worker threads
-with bucket 4 1.36, K=1 bucket 4 1.41, K=4 exact widths 1.63; masked K=4
-3.38 (before convs were kept off YNNPACK). tau_hat = 200, sliced K=1, in
-a long search's steady state (compiled validation blocks; bench_search's
---warm_validation): 93.6 s per candidate (median of 4), nearly all in the
-SGD steps (0.438 s each, with the C++ 3x3 convs of `models.direct_conv`,
-BatchNorm sums of `models.channel_sums` and the one-call update of
-`train.sgd_update`), plus 4.5 s slicing and compiling the candidate's step
-and 1.4 s validating; K=2 on 2 worker threads: 95.8 s. Compiling the next
-candidate's step on a second thread while one trains (K=2, one worker)
-measured 95.5 s: the compile takes its cycles from the training steps.
+``'auto'`` picks 'sliced' on CPU (the faster there: benchmarks/RESULTS.md)
+and 'masked' on accelerators.
 
 Both backends memoize losses by a digest of the candidate's masks (the loss
 is a pure function of the masks): in a search, most children prune exactly
-like an earlier candidate and cost nothing. On CPU the compiled functions use
-`compile_options.CPU` (FAST_COMPILE preset, convs kept off YNNPACK).
+like an earlier candidate and cost nothing. Everything is computed and
+compiled with the network's `legr_jax.ops.Ops` (on CPU: `legr_jax.cpu`'s
+fast paths and compile options).
 
 Beyond one host: after `jax.distributed.initialize()`, ``jax.devices()``
 spans every host; the 'masked' backend's mesh is built over all of them, every
@@ -273,9 +263,11 @@ class Evaluator:
       widths).
     workers: 'sliced': candidates evaluated concurrently (default: the device
       count, or the CPU core count on a single CPU device).
-    compiler_options: XLA options of the compiled evaluation functions;
-      default ``net.ops``'s (`legr_jax.ops.Ops`, which also says how convs,
-      BatchNorm and the SGD update are computed); {} for XLA's defaults.
+    compiler_options: XLA options of the masked backend's functions and of
+      the sliced SGD steps; default ``net.ops``'s (`legr_jax.ops.Ops`,
+      which also says how convs, BatchNorm and the SGD update are
+      computed); {} for XLA's defaults. The sliced validation blocks are
+      compiled by ``block_executor``.
     memo: memoize losses by mask digest (see `evaluate`); ``cache`` (digest
       -> loss) may be pre-filled, e.g. from a resumed search's log.
     block_executor: 'sliced': the `BlockwiseExecutor` of the validation
@@ -318,9 +310,10 @@ class Evaluator:
     self._executor = block_executor or BlockwiseExecutor(net.ops)
     self._per_device: dict = {}
     self._lock = threading.Lock()
-    # 'sliced', tau_hat > 0: seconds per phase of each fresh candidate
-    # (dicts: slice_s, first_step_s (compile included), steps_s, steps,
-    # eval_s), in completion order
+    # 'sliced', tau_hat > 0: one dict per fresh candidate, in completion
+    # order: prepare_s (slice, init, lower and compile its SGD step),
+    # first_step_s, steps_s (the other steps and embedding the weights
+    # back), steps (their count), eval_s (the validation pass); seconds
     self.phase_seconds: list[dict] = []
     self._pool = None
     self._masked_fn = None
@@ -449,11 +442,11 @@ class Evaluator:
     if cfg.tau_hat == 0:
       return self._blockwise_loss(masks_np, self.variables, dd, device)
     # tau_hat > 0: exact widths, one compiled SGD step per candidate, driven
-    # from Python (a lax.scan over the steps runs ~25x slower on XLA:CPU:
-    # 27 s vs 1.1 s per step measured), then the trained weights are put
-    # back into a full-size copy and evaluated like a tau_hat = 0 candidate
-    # (bucketed widths: compiled blocks shared across candidates, instead
-    # of new ones for every candidate's exact widths).
+    # from Python (a lax.scan over the steps ran far slower on XLA:CPU:
+    # benchmarks/RESULTS.md), then the trained weights are put back into a
+    # full-size copy and evaluated like a tau_hat = 0 candidate (bucketed
+    # widths: compiled blocks shared across candidates, instead of new ones
+    # for every candidate's exact widths).
     state, step, prepare_s = self._prepare_sgd(masks_np, device)
     mean, inv_std = dd["stats"]
     t1 = time.perf_counter()
@@ -549,7 +542,7 @@ def sgd_step(net, config: FitnessConfig, state: step_lib.TrainState, x, y,
 
   ``state.opt_state`` is the momentum trace itself (shaped like the params),
   updated by ``net.ops.sgd_update``: the maths of `make_optimizer` (on CPU
-  one C++ call instead of ~450 small XLA fusions that every candidate's
+  one C++ call instead of hundreds of small XLA fusions that every candidate's
   compile would generate code for).
   """
   _, _, stats, grads = step_lib.loss_and_grads(

@@ -1,13 +1,13 @@
 """Fast physical slicing for candidate evaluation.
 
-`surgery.slice_network` builds a new `PrunableNet` (one abstract trace to
-derive its spec, one more to check the variables): ~0.4 s for ResNet-56,
-a quarter of a candidate's budget. A search only needs the sliced widths,
-shortcut index maps and variables, which are numpy indexing on the original
-spec; `slice_candidate` computes exactly those (the test suite checks them
-against `surgery.slice_network`), and `BlockwiseExecutor.apply_module` runs
-them on the original module declaration; so does `SlicedNet` for the
-tau_hat training steps.
+Why: `surgery.slice_network` builds a new `PrunableNet` (one abstract trace
+to derive its spec, one more to check the variables), a sizeable part of a
+candidate's time (benchmarks/RESULTS.md). A search only needs the sliced
+widths, shortcut index maps and variables, which are numpy indexing on the
+original spec; `slice_candidate` computes exactly those (the test suite
+checks them against `surgery.slice_network`), and
+`BlockwiseExecutor.apply_module` runs them on the original module
+declaration; so does `SlicedNet` for the tau_hat training steps.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class SlicedNet:
   """The original module declaration run at sliced widths: what
   `surgery.slice_network` returns as its network, for training and
   evaluation without group masks, minus the trace that derives a spec (and
-  variable shapes) of its own (~0.6 s for ResNet-56, per candidate).
+  variable shapes) of its own (per-candidate time: benchmarks/RESULTS.md).
 
   ``apply(variables, x, masks=None, train)`` as `PrunableNet.apply`; the
   variables are those of `slice_candidate` on ``net.spec``, whose ``widths``
