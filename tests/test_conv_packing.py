@@ -89,6 +89,7 @@ def _logits(net, variables, x, lanes, train=False):
   return fn(variables, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["resnet20", "vgg16", "mobilenetv2"])
 def test_sliced_networks_give_the_same_logits_packed_or_not(model_name):
   """The pruned networks are where packing happens (narrow convs); every
@@ -115,6 +116,7 @@ def _max_rel_err(a, b):
              for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("direct", [False, True])
 def test_network_gradients_are_the_same_packed_or_not(direct):
   """Gradients of a sliced network with the CPU fast paths (packing, and the

@@ -21,6 +21,7 @@ def test_front_matches_brute_force():
     np.testing.assert_array_equal(pareto.pareto_front(c, a), expect)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_and_refuse_overwrite(tmp_path):
   net = models.get("resnet20", input_shape=(8, 8, 3))
   variables = perturbed_variables(net, 0)

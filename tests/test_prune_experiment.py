@@ -47,6 +47,7 @@ def test_prune_family_and_pareto_set(baseline, tmp_path):
   assert "nothing to do" in r2.stdout + r2.stderr
 
 
+@pytest.mark.slow
 def test_missing_ranking_is_a_clear_error(baseline, tmp_path):
   r = _run("experiments.prune", f"--checkpoint={baseline}",
            f"--workdir={tmp_path}", f"--ranking={tmp_path}/nope")

@@ -96,6 +96,7 @@ def dataclass_replace(obj, **kw):
   return dataclasses.replace(obj, **kw)
 
 
+@pytest.mark.slow
 def test_child_is_the_tournament_winner_with_few_layers_mutated():
   st = _filled()
   a, k, idx = evolution.propose(st, CFG, 1)
@@ -207,6 +208,7 @@ def test_sequential_search_is_reproducible_and_seed_dependent():
 # --- block-wise execution -------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,shape", [("resnet20", (8, 8, 3)),
                                         ("cnn_small", (8, 8, 1))])
 def test_blockwise_executor_matches_apply(name, shape):
@@ -262,6 +264,7 @@ def test_fast_slicing_matches_surgery(name):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet20", "vgg16", "mobilenetv2"])
 @pytest.mark.parametrize("twice", [False, True])
 def test_sliced_net_equals_surgery_network(name, twice):
@@ -326,6 +329,7 @@ def _direct_loss(net, variables, ds, alpha, kappa, config):
   return float(-logp[np.arange(n), y].mean()), masks
 
 
+@pytest.mark.slow
 def test_fitness_tau0_matches_direct_computation_on_both_backends(rgb_npz):
   ds = _dataset(rgb_npz, 100)
   net = models.get("resnet20", num_classes=ds.num_classes,
@@ -359,6 +363,7 @@ def test_fitness_tau0_matches_direct_computation_on_both_backends(rgb_npz):
   assert len(set(np.round(direct, 6))) == 3
 
 
+@pytest.mark.slow
 def test_fitness_with_tau_hat_agrees_across_backends_and_beats_no_training(
     digits_npz, tmp_path):
   ds = _dataset(digits_npz, 120)
@@ -425,6 +430,7 @@ def test_infeasible_candidates_get_infinite_loss(rgb_npz):
   assert not np.any(out["feasible"]) and np.all(np.isinf(out["loss"]))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(SHARED_NPZ),
                     reason="shared CIFAR-10 subset (../shared/data/"
                     "cifar10_train_subset.npz) is absent")
@@ -628,6 +634,7 @@ def test_two_processes_give_the_one_process_result(baseline, tmp_path,
   assert a["layers"] == b["layers"]
 
 
+@pytest.mark.slow
 def test_learned_ranking_beats_the_identity_ranking(baseline, tmp_path):
   """On a trained network the search finds a ranking strictly better than
   plain L2 (whose loss is recomputed here, the plain way), and the stored
