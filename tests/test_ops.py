@@ -165,6 +165,17 @@ def test_without_a_compiler_auto_falls_back_and_on_fails(tmp_path):
   assert r.stderr.count("C++ CPU kernels unavailable") == 1, r.stderr
 
 
+def test_xla_isa_honours_the_max_isa_flag(monkeypatch):
+  if cpu.xla_isa() not in ("avx512", "avx2"):
+    pytest.skip("needs an x86-64 CPU with AVX2")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+  assert cpu.xla_isa() == "avx2"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=SSE4_2")
+  assert cpu.xla_isa() == "other"
+  assert cpu.packing_lanes({"xla_cpu_experimental_ynn_fusion_type": ""},
+                           isa="avx2") == 16
+
+
 def test_cpu_ops_name_lists_what_is_on():
   plain = cpu.ops(use_kernels="never", lanes=0)
   assert plain.name == "cpu(lanes=0)"

@@ -75,16 +75,21 @@ def packing_lanes(compiler_options: dict | None = None,
                   isa: str | None = None) -> int:
   """Output-packing width (`conv_packing`) that pays on this CPU; 0: off.
 
-  AVX-512 with convs kept off YNNPACK (`compile_options.CPU`): 32; AVX-512
-  otherwise: 16 (wider convs go to YNNPACK, where packing does not pay).
-  Anything else: 0 (see benchmarks/RESULTS.md for the measurements).
+  The rule, measured (benchmarks/RESULTS.md): with convs kept off YNNPACK
+  (`compile_options.CPU`, what `ops` compiles with) 32 on AVX-512 and 16 on
+  AVX2 (32 there nearly doubled the SGD step); without it 16 on AVX-512
+  (wider convs go to YNNPACK, where packing does not pay) and 0 on AVX2
+  (not measured). Other CPUs (aarch64, pre-AVX2 x86): 0, not measured.
+  ``isa``: `xla_isa()`'s answer (default: asked).
   """
   isa = isa or xla_isa()
-  if isa != "avx512":
-    return 0
   opts = compiler_options or {}
   no_ynn = opts.get("xla_cpu_experimental_ynn_fusion_type", None) == ""
-  return 32 if no_ynn else 16
+  if isa == "avx512":
+    return 32 if no_ynn else 16
+  if isa == "avx2":
+    return 16 if no_ynn else 0
+  return 0
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,8 +60,10 @@ def faster_than_xla(part: str, hw: int, cin: int, cout: int) -> bool:
   Forward and input gradient: when one side has at most 16 channels (with
   32 or more on both, XLA's kernels fill their vectors and this layout
   pads 8x8 images to 9x9). Kernel gradient: from 16x16 pixels up
-  (``hw >= 256``). Read off `benchmarks.bench_direct_conv`'s table on an
-  AVX-512 CPU (benchmarks/RESULTS.md); the same rule is used on every ISA.
+  (``hw >= 256``). Read off `benchmarks.bench_direct_conv`'s table on
+  AVX-512 and on AVX2 (XLA capped at AVX2, kernels built without AVX-512:
+  the same rule; benchmarks/RESULTS.md); used on every ISA (other ones not
+  measured).
   """
   if part in ("forward", "input_grad"):
     return min(cin, cout) <= 16
