@@ -15,6 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from benchmarks import timing
 from benchmarks.timing import median_ms
 
 from legr_jax import cpu, provenance
@@ -49,13 +50,9 @@ def main():
   p.add_argument("--lanes", type=int, default=None,
                  help="output packing of the XLA side (default: "
                  "legr_jax.cpu.packing_lanes; 0: XLA's plain convs)")
-  p.add_argument("--kernel_flags", default="",
-                 help="extra C++ flags of the kernel build, e.g. "
-                 "-mno-avx512f (with XLA_FLAGS=--xla_cpu_max_isa=AVX2 this "
-                 "CPU acts as an AVX2 one)")
+  timing.add_kernel_flags_arg(p)
   args = p.parse_args()
-  if args.kernel_flags:
-    kernels.use_flags(*args.kernel_flags.split())
+  timing.use_kernel_flags(args)
   if not kernels.available():
     sys.exit("the C++ kernels are not available here (see the warning "
              "above)")

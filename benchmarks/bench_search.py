@@ -43,6 +43,7 @@ import warnings
 import jax
 import numpy as np
 
+from benchmarks import timing
 from legr_jax import cpu, data, models, ops, provenance, train
 from legr_jax.cpu import malloc_tuning
 from legr_jax.search import evolution, fitness
@@ -202,14 +203,10 @@ def main():
   p.add_argument("--lanes", type=int, default=None,
                  help="CPU: output packing width instead of "
                  "legr_jax.cpu.packing_lanes' (0: none)")
-  p.add_argument("--kernel_flags", default="",
-                 help="extra C++ flags of the kernel build, e.g. "
-                 "-mno-avx512f (an AVX2 build; with XLA_FLAGS="
-                 "--xla_cpu_max_isa=AVX2 this CPU acts as an AVX2 one)")
+  timing.add_kernel_flags_arg(p)
   p.add_argument("--json_out", default=None)
   args = p.parse_args()
-  if args.kernel_flags:
-    cpu.kernels.use_flags(*args.kernel_flags.split())
+  timing.use_kernel_flags(args)
 
   if not os.path.exists(args.data):
     sys.exit(f"data not found: {args.data}")

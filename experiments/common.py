@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
-from absl import flags
+from absl import app, flags
 
 # legr_jax.ops.CPU_KERNELS, spelled out so that importing this module does
 # not import JAX (learn_ranking sets XLA_FLAGS before it does).
@@ -24,11 +22,11 @@ def start_process() -> str:
   the effective ``cpu_kernels`` setting (flag, or ``LEGR_CPU_KERNELS``) and,
   unless it is 'off', keeps freed host memory in the process
   (`legr_jax.cpu.malloc_tuning`)."""
-  env = os.environ.get("LEGR_CPU_KERNELS", "").strip().lower()
-  if env and env not in _CPU_KERNELS:
-    raise flags.ValidationError(
-        f"LEGR_CPU_KERNELS={env!r}: must be one of {', '.join(_CPU_KERNELS)}")
-  setting = env or CPU_KERNELS.value
+  from legr_jax import ops  # pylint: disable=g-import-not-at-top
+  try:
+    setting = ops.effective_setting(CPU_KERNELS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if setting != "off":
     from legr_jax.cpu import malloc_tuning  # pylint: disable=g-import-not-at-top
     malloc_tuning.retain_freed_memory()
