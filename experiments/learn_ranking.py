@@ -145,7 +145,8 @@ def main(argv):
       baseline=os.path.abspath(CHECKPOINT.value), net_config=net.config,
       dataset=dataset, data_dir=DATA_DIR.value or tconf.data_dir,
       val_size=tconf.val_size if same_data else VAL_SIZE.value,
-      val_fraction=tconf.val_fraction, split_seed=tconf.split_seed,
+      val_fraction=tconf.val_fraction, test_size=tconf.test_size,
+      split_seed=tconf.split_seed,
       flops=TARGET_FLOPS.value, safeguard=SAFEGUARD.value,
       tau_hat=TAU_HAT.value, lr=LR.value, batch_size=BATCH_SIZE.value,
       eval_batch_size=EVAL_BATCH_SIZE.value, val_examples=VAL_EXAMPLES.value,
@@ -158,6 +159,7 @@ def main(argv):
     ds = data_lib.get_dataset(config.dataset, data_dir=config.data_dir,
                               val_fraction=config.val_fraction,
                               val_size=config.val_size,
+                              test_size=config.test_size,
                               seed=config.split_seed)
     if tuple(ds.image_shape) != tuple(net.input_shape):
       print(f"error: {config.dataset} has images {ds.image_shape}, the "

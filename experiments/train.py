@@ -47,6 +47,10 @@ flags.DEFINE_float("val_fraction", _D.val_fraction,
                    "Share of the training data held out as validation.")
 flags.DEFINE_integer("val_size", None, "Number of validation examples "
                      "(overrides --val_fraction).")
+flags.DEFINE_integer("test_size", None, "Data without a test split (npz "
+                     "without x_test): carve this many images first as the "
+                     "test split (seeded by --split_seed), val from the rest."
+                     " Digits: the test split's size.")
 flags.DEFINE_integer("split_seed", _D.split_seed,
                      "Seed of the train/val carving.")
 flags.DEFINE_enum("augment", None, list(data_lib.AUGMENTATIONS),
@@ -97,7 +101,7 @@ def config_from_flags(cpu_kernels: str = "auto") -> train.TrainConfig:
       model=FLAGS.model, model_kwargs=json.loads(FLAGS.model_kwargs),
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
       val_fraction=FLAGS.val_fraction, val_size=FLAGS.val_size,
-      split_seed=FLAGS.split_seed, augment=FLAGS.augment, seed=FLAGS.seed,
+      test_size=FLAGS.test_size, split_seed=FLAGS.split_seed, augment=FLAGS.augment, seed=FLAGS.seed,
       epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, lr=FLAGS.lr,
       momentum=FLAGS.momentum, nesterov=FLAGS.nesterov,
       weight_decay=FLAGS.weight_decay, schedule=FLAGS.schedule,

@@ -85,8 +85,21 @@ def _default_augment(image_shape) -> str:
 
 def _in_memory(name: str, x, y, x_test, y_test, *, num_classes: int | None,
                val_fraction: float, val_size: int | None, seed: int,
-               augment: str | None, note: str) -> Dataset:
-  """Carves val from (x, y); test = (x_test, y_test) or val when absent."""
+               augment: str | None, note: str,
+               test_size: int | None = None) -> Dataset:
+  """Carves val from (x, y); test = (x_test, y_test), else ``test_size``
+  images carved first from (x, y), else val (with a warning)."""
+  if test_size is not None:
+    if x_test is not None:
+      raise ValueError(f"data set {name!r} has its own test split; "
+                       "test_size carves one only from data without it")
+    if not 0 < test_size < len(x):
+      raise ValueError(f"test_size={test_size} must be in (0, {len(x)}) for "
+                       f"data set {name!r} ({len(x)} images)")
+    rest, test = carve(len(x), size=test_size, seed=seed, tag=TAG_TEST)
+    x, y, x_test, y_test = x[rest], y[rest], x[test], y[test]
+    note += (f"; test = seeded {test_size} images carved first (seed "
+             f"{seed}), val carved from the rest")
   full = ArraySplit(x, y)
   train_idx, val_idx = carve(len(full), fraction=val_fraction, size=val_size,
                              seed=seed)
@@ -131,6 +144,7 @@ def _tfds(name: str, *, data_dir, val_fraction, val_size, seed,
 def get_dataset(name: str, *, data_dir: str | None = None,
                 val_fraction: float = 0.1, val_size: int | None = None,
                 seed: int = 0, test_fraction: float = 0.2,
+                test_size: int | None = None,
                 download: bool = False) -> Dataset:
   """Returns the data set ``name`` with seeded train / val / test splits.
 
@@ -146,6 +160,11 @@ def get_dataset(name: str, *, data_dir: str | None = None,
     val_size: number of validation examples (overrides ``val_fraction``).
     seed: seed of the split permutations.
     test_fraction: for 'digits' only, the share carved out first as test.
+    test_size: for in-memory data without a test split ('npz:PATH' without
+      x_test), this many images are carved out first (seeded by ``seed``) as
+      the test split, then val from the rest: a three-way split. For
+      'digits' it replaces ``test_fraction``. An error for data with their
+      own test split.
     download: allow TFDS to download and prepare missing data.
 
   Raises:
@@ -155,25 +174,31 @@ def get_dataset(name: str, *, data_dir: str | None = None,
   """
   common = dict(val_fraction=val_fraction, val_size=val_size, seed=seed)
   if name in _TFDS:
+    if test_size is not None:
+      raise ValueError(f"data set {name!r} has its own test split; "
+                       "test_size is for data without one")
     return _tfds(name, data_dir=data_dir, download=download, **common)
   if name == "digits":
     x, y = local.load_digits()
-    rest, test = carve(len(x), fraction=test_fraction, seed=seed, tag=TAG_TEST)
+    rest, test = carve(len(x), fraction=test_fraction, size=test_size,
+                       seed=seed, tag=TAG_TEST)
     return _in_memory(
         name, x[rest], y[rest], x[test], y[test], num_classes=10,
         augment="none",
-        note=f"scikit-learn digits: test = seeded {test_fraction:.0%} "
+        note=f"scikit-learn digits: test = seeded "
+             f"{test_size if test_size is not None else f'{test_fraction:.0%}'} "
              f"(seed {seed}), val carved from the rest", **common)
   if name.startswith("npz:"):
     path = name[len("npz:"):]
     d = local.load_npz(path)
     return _in_memory(name, d["x"], d["y"], d.get("x_test"), d.get("y_test"),
-                      num_classes=None, augment=None,
+                      num_classes=None, augment=None, test_size=test_size,
                       note=f"npz file {path}", **common)
   if name.startswith("cifar_dir:"):
     path = name[len("cifar_dir:"):]
     d = local.load_cifar_dir(path)
     return _in_memory(name, d["x"], d["y"], d["x_test"], d["y_test"],
                       num_classes=d["num_classes"], augment="cifar",
+                      test_size=test_size,
                       note=f"CIFAR python batches in {path}", **common)
   raise ValueError(f"unknown data set {name!r}; known: {', '.join(KNOWN)}")

@@ -75,6 +75,7 @@ class SearchConfig:
   data_dir: str | None = None
   val_size: int | None = None
   val_fraction: float = 0.1
+  test_size: int | None = None
   split_seed: int = 0
   flops: float = 0.47
   safeguard: float = 0.1

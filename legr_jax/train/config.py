@@ -19,7 +19,8 @@ class TrainConfig:
   """A training run.
 
   Data: ``dataset`` (a `legr_jax.data.get_dataset` name), ``data_dir``,
-  validation carved with ``val_fraction`` or ``val_size`` and ``split_seed``;
+  validation carved with ``val_fraction`` or ``val_size`` and ``split_seed``
+  (``test_size``: carve a test split first, for data without one);
   ``augment`` None means the data set's default ('cifar', 'imagenet', 'none').
   Model: ``model`` (a `legr_jax.models.get` name) and ``model_kwargs``.
   Optimization: SGD(``lr``, ``momentum``, ``nesterov``) with coupled L2
@@ -40,6 +41,7 @@ class TrainConfig:
   data_dir: str | None = None
   val_fraction: float = 0.1
   val_size: int | None = None
+  test_size: int | None = None
   split_seed: int = 0
   augment: str | None = None
   seed: int = 0

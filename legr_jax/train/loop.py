@@ -205,7 +205,7 @@ def load_dataset(config: TrainConfig, **kw) -> data_lib.Dataset:
   return data_lib.get_dataset(config.dataset, data_dir=config.data_dir,
                               val_fraction=config.val_fraction,
                               val_size=config.val_size, seed=config.split_seed,
-                              **kw)
+                              test_size=config.test_size, **kw)
 
 
 def fit(config: TrainConfig, workdir: str, *, net=None,
