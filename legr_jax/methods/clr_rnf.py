@@ -1,0 +1,1 @@
+"""``clr_rnf``: placeholder until the CLR-RNF module lands."""
