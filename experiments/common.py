@@ -31,3 +31,28 @@ def start_process() -> str:
     from legr_jax.cpu import malloc_tuning  # pylint: disable=g-import-not-at-top
     malloc_tuning.retain_freed_memory()
   return setting
+
+
+def define_finetune_flags(epochs_default: int = 40) -> None:
+  """The fine-tuning recipe's flags (LeGR's: Nesterov SGD, lr 0.01, x0.2 at
+  30/60/80% of the epochs), shared by experiments.prune and compare."""
+  flags.DEFINE_integer("epochs", epochs_default, "Fine-tuning epochs per "
+                       "pruned network (0: no fine-tuning, evaluate right "
+                       "after pruning).")
+  flags.DEFINE_float("lr", 0.01, "Fine-tuning learning rate (LeGR: 0.01, "
+                     "Nesterov, x0.2 at 30/60/80%).")
+  flags.DEFINE_integer("batch_size", 128, "Fine-tuning batch size.")
+
+
+def finetune_config(base_config, cpu_kernels: str, seed: int | None = None):
+  """The fine-tuning `TrainConfig` from the baseline's and the flags above
+  (None when --epochs=0)."""
+  f = flags.FLAGS
+  if f.epochs <= 0:
+    return None
+  kw = {} if seed is None else {"seed": seed}
+  return base_config.replace(epochs=f.epochs, lr=f.lr, nesterov=True,
+                             schedule="multistep", milestones=(0.3, 0.6, 0.8),
+                             gamma=0.2, warmup_epochs=0.0,
+                             batch_size=f.batch_size, cpu_kernels=cpu_kernels,
+                             **kw)

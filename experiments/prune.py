@@ -45,11 +45,7 @@ flags.DEFINE_integer("round_to", 1, "Global rankings only: keep every "
                      "group's width a multiple of this (groups whose size is "
                      "one); 8 or 16 run faster on vector hardware (see "
                      "ranking.masks_for_budget).")
-flags.DEFINE_integer("epochs", 40, "Fine-tuning epochs per budget (0: no "
-                     "fine-tuning, evaluate right after pruning).")
-flags.DEFINE_float("lr", 0.01, "Fine-tuning learning rate (LeGR: 0.01, "
-                   "Nesterov, x0.2 at 30/60/80%).")
-flags.DEFINE_integer("batch_size", 128, "Fine-tuning batch size.")
+common.define_finetune_flags()
 flags.DEFINE_integer("latency_batch", 128, "Batch of the latency "
                      "measurement of each sliced network.")
 flags.DEFINE_string("workdir", None, "Where everything is written.")
@@ -102,12 +98,7 @@ def main(argv):
     return _fail(str(e))
   net = net.with_ops(ops.resolve(cpu_kernels))
   ds = train.load_dataset(base_config)
-  finetune = None
-  if FLAGS.epochs > 0:
-    finetune = base_config.replace(
-        epochs=FLAGS.epochs, lr=FLAGS.lr, nesterov=True,
-        schedule="multistep", batch_size=FLAGS.batch_size,
-        cpu_kernels=cpu_kernels)
+  finetune = common.finetune_config(base_config, cpu_kernels)
   try:
     rows = family.prune_family(
         net, variables, ds, method, budgets, workdir=FLAGS.workdir,

@@ -334,3 +334,41 @@ def test_early_stop_and_errors_do_not_hang():
   broken = Broken(np.zeros((8, 2, 2, 1), np.uint8), np.zeros(8))
   with pytest.raises(OSError, match="disk on fire"):
     list(data.batches(broken, 2, seed=0, mean=(0.0,), std=(1.0,)))
+
+
+def test_npz_three_way_split_with_test_size(tmp_path):
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (200, 6, 6, 3), dtype=np.uint8)
+  y = (np.arange(200) % 5).astype(np.int32)
+  path = tmp_path / "d.npz"
+  np.savez(path, x=x, y=y)
+  ds = data.get_dataset(f"npz:{path}", val_size=40, test_size=50, seed=3)
+  assert (len(ds.train), len(ds.val), len(ds.test)) == (110, 40, 50)
+  assert not ds.test_is_val
+  # the three splits partition the file's images (rows are unique here)
+  rows = lambda s: {s.x[i].tobytes() for i in range(len(s))}
+  tr, va, te = rows(ds.train), rows(ds.val), rows(ds.test)
+  assert not (tr & va or tr & te or va & te)
+  assert tr | va | te == {x[i].tobytes() for i in range(200)}
+  # seeded: the same call gives the same test split, another seed another
+  again = data.get_dataset(f"npz:{path}", val_size=40, test_size=50, seed=3)
+  np.testing.assert_array_equal(again.test.x, ds.test.x)
+  other = data.get_dataset(f"npz:{path}", val_size=40, test_size=50, seed=4)
+  assert rows(other.test) != te
+  with pytest.raises(ValueError, match="test_size"):
+    data.get_dataset(f"npz:{path}", test_size=200)
+  np.savez(path, x=x, y=y, x_test=x[:10], y_test=y[:10])
+  with pytest.raises(ValueError, match="own test split"):
+    data.get_dataset(f"npz:{path}", test_size=20)
+
+
+def test_latency_measure_with_an_injected_timer():
+  from legr_jax import latency, models  # pylint: disable=g-import-not-at-top
+  net = models.get("cnn_small", num_classes=10, input_shape=(8, 8, 1))
+  ticks = iter(np.cumsum([0.0] + [0.001, 0.003] * 50))   # start, stop pairs
+  out = latency.measure(net, net.init(jax.random.key(0)), batch=4, repeats=5,
+                        warmup=1, timer=lambda: next(ticks))
+  # each timed call spans one 0.001 s then the next starts 0.003 s later
+  assert out["median_ms"] == pytest.approx(1.0)
+  assert out["batch"] == 4 and out["repeats"] == 5
+  assert out["device_kind"] == jax.devices()[0].device_kind

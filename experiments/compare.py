@@ -1,0 +1,330 @@
+r"""Compares pruning methods fairly: one baseline, one budget, one fine-tuning
+recipe and seed, different methods.
+
+  python -m experiments.compare                       # digits, a few minutes
+  python -m experiments.compare --model=resnet20 \
+      --dataset=npz:../shared/data/cifar10_train_subset.npz --test_size=1000 \
+      --val_size=1000 --baseline_epochs=60 --budget=0.3,0.47 --methods=all \
+      --epochs=5 --workdir=workdirs/compare_resnet20
+
+Every method prunes the same pretrained baseline (``--checkpoint``, or one
+trained here in WORKDIR/baseline and reused on rerun; its checkpoint is the
+best by validation accuracy) to every ``--budget`` (FLOPs fractions, or
+flops:F / params:F), each pruned network is fine-tuned with the same recipe
+(`experiments.common.define_finetune_flags`) and seed, and evaluated on the
+validation split (the only one any method or checkpoint choice looks at) and
+the test split (reported only). Data without a test split (the shared npz)
+needs ``--test_size``: a seeded three-way split carved once, recorded in the
+baseline's config and reused everywhere.
+
+Writes WORKDIR/comparison.md (the table: method, FLOPs, params, val / test
+accuracy right after pruning and after fine-tuning, latency of the sliced
+network at batch 128 on this device, wall time of the method itself incl. a
+learn stage), comparison.json and comparison.png. With several ``--seeds``
+each cell is mean ± std over seeds (a seed drives the method's randomness,
+LeGR's search and the fine-tuning). Rerunning resumes: finished members and
+searches are reused. Layout: WORKDIR/baseline/, WORKDIR/seed_<s>/<method>/
+(`legr_jax.family.prune_family` workdirs), WORKDIR/seed_<s>/legr_search/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "workdirs/compare", "Where everything is "
+                    "written.")
+flags.DEFINE_string("checkpoint", None, "A trained baseline (experiments."
+                    "train workdir); default: train one in WORKDIR/baseline.")
+flags.DEFINE_string("model", "cnn_small", "Baseline model (when trained "
+                    "here).")
+flags.DEFINE_string("dataset", "digits", "Data set (when the baseline is "
+                    "trained here).")
+flags.DEFINE_integer("val_size", None, "Validation images (baseline trained "
+                     "here; default: 10% of the training data).")
+flags.DEFINE_integer("test_size", None, "Carve this many test images first "
+                     "(data without a test split, e.g. the shared npz).")
+flags.DEFINE_integer("baseline_epochs", 15, "Epochs of the baseline trained "
+                     "here (cosine schedule, lr --baseline_lr).")
+flags.DEFINE_float("baseline_lr", 0.1, "Peak learning rate of the baseline.")
+flags.DEFINE_list("budget", ["0.5"], "Budgets: FLOPs fractions, or "
+                  "flops:F / params:F.")
+flags.DEFINE_list("methods", ["all"], "Methods (legr_jax.methods.names()), "
+                  "or 'all'.")
+flags.DEFINE_list("seeds", ["0"], "Seeds (methods' randomness, LeGR's search,"
+                  " fine-tuning).")
+flags.DEFINE_float("safeguard", 0.1, "Every group keeps at least this "
+                   "fraction of its channels (every method).")
+flags.DEFINE_integer("legr_evaluations", 400, "LeGR search: evaluations.")
+flags.DEFINE_integer("legr_population", 64, "LeGR search: population "
+                     "(<= --legr_evaluations).")
+flags.DEFINE_integer("legr_sample", 16, "LeGR search: tournament sample.")
+flags.DEFINE_integer("legr_tau_hat", 0, "LeGR search: SGD steps per "
+                     "candidate before its validation loss.")
+flags.DEFINE_integer("legr_val_examples", None, "LeGR search: validation "
+                     "images of the fitness (default: all).")
+flags.DEFINE_string("legr_ranking", None, "Reuse this LeGR ranking (search "
+                    "workdir or ranking.json) instead of searching.")
+flags.DEFINE_integer("latency_batch", 128, "Batch of the latency "
+                     "measurement.")
+flags.DEFINE_bool("progress", True, "Progress bars.")
+common.define_finetune_flags(epochs_default=3)
+
+COMPARISON_MD = "comparison.md"
+COMPARISON_JSON = "comparison.json"
+COMPARISON_PNG = "comparison.png"
+
+
+def _parse_flags(methods):
+  """Validates every flag before anything is written; returns (budgets,
+  method names, seeds)."""
+  try:
+    budgets = sorted({methods.Budget.parse(b) for b in FLAGS.budget},
+                     key=lambda b: (b.metric, b.fraction))
+  except ValueError as e:
+    raise app.UsageError(f"--budget: {e}") from None
+  if not budgets:
+    raise app.UsageError("--budget: give at least one budget")
+  names = list(FLAGS.methods)
+  if names == ["all"]:
+    names = list(methods.names())
+  unknown = [n for n in names if n not in methods.names()]
+  if unknown or not names:
+    raise app.UsageError(f"--methods: unknown {unknown}; known: "
+                         f"{', '.join(methods.names())} or all")
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    raise app.UsageError(f"--seeds must be integers, got {FLAGS.seeds}"
+                         ) from None
+  if not seeds:
+    raise app.UsageError("--seeds: give at least one seed")
+  if FLAGS.checkpoint and not os.path.isdir(FLAGS.checkpoint):
+    raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} is not a "
+                         "directory (an experiments.train workdir)")
+  if FLAGS.legr_ranking and not os.path.exists(FLAGS.legr_ranking):
+    raise app.UsageError(f"--legr_ranking={FLAGS.legr_ranking} does not "
+                         "exist")
+  if not 1 <= FLAGS.legr_population <= FLAGS.legr_evaluations:
+    raise app.UsageError(f"--legr_population={FLAGS.legr_population} must "
+                         f"be in [1, --legr_evaluations="
+                         f"{FLAGS.legr_evaluations}]")
+  if FLAGS.baseline_epochs < 1 or FLAGS.epochs < 0:
+    raise app.UsageError("--baseline_epochs must be >= 1 and --epochs >= 0")
+  return budgets, names, seeds
+
+
+def _baseline(cpu_kernels, train):
+  """(net, variables, config, workdir) of the baseline, trained if needed."""
+  if FLAGS.checkpoint:
+    wd = FLAGS.checkpoint
+  else:
+    wd = os.path.join(FLAGS.workdir, "baseline")
+    config = train.TrainConfig(
+        model=FLAGS.model, dataset=FLAGS.dataset, val_size=FLAGS.val_size,
+        test_size=FLAGS.test_size, epochs=FLAGS.baseline_epochs,
+        lr=FLAGS.baseline_lr, schedule="cosine", warmup_epochs=1.0,
+        nesterov=True, cpu_kernels=cpu_kernels)
+    train.fit(config, wd, progress=FLAGS.progress)
+  net, variables, config = train.load_trained(wd)
+  return net, variables, config, wd
+
+
+def _mean_std(values):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  v = [x for x in values if x is not None]
+  if not v:
+    return None, None
+  return float(np.mean(v)), (float(np.std(v)) if len(v) > 1 else None)
+
+
+def _cell(values, fmt="{:.4f}"):
+  m, s = _mean_std(values)
+  if m is None:
+    return "n/a"
+  return fmt.format(m) + ("" if s is None else " ± " + fmt.format(s))
+
+
+COLUMNS = (  # (header, metric key, format)
+    ("FLOPs", "flops_fraction", "{:.3f}"),
+    ("params", "params_fraction", "{:.3f}"),
+    ("val acc pruned", "val_accuracy_pruned", "{:.4f}"),
+    ("test acc pruned", "test_accuracy_pruned", "{:.4f}"),
+    ("val acc tuned", "val_accuracy", "{:.4f}"),
+    ("test acc tuned", "test_accuracy", "{:.4f}"),
+    ("latency ms", "latency_ms", "{:.2f}"),
+    ("method s", "method_seconds", "{:.2f}"),
+)
+
+
+def write_report(workdir, rows, header: list[str], baseline: dict) -> str:
+  """comparison.md / .json / .png from ``rows`` (one per method, budget and
+  seed); returns the Markdown table."""
+  budgets = sorted({(r["budget_metric"], r["budget"]) for r in rows})
+  names = list(dict.fromkeys(r["method"] for r in rows))
+  lines = list(header) + [""]
+  lines.append("| budget | method | " + " | ".join(c[0] for c in COLUMNS) +
+               " |")
+  lines.append("|---" * (len(COLUMNS) + 2) + "|")
+  for metric, b in budgets:
+    for name in names:
+      sel = [r for r in rows if r["method"] == name and
+             r["budget"] == b and r["budget_metric"] == metric]
+      if not sel:
+        continue
+      cells = [_cell([r.get(k) for r in sel], f) for _, k, f in COLUMNS]
+      lines.append(f"| {metric}:{b:g} | {name} | " + " | ".join(cells) + " |")
+  lines.append("")
+  lines.append(f"Unpruned baseline: val acc {baseline['val_accuracy']:.4f}, "
+               f"test acc {baseline.get('test_accuracy', float('nan')):.4f}, "
+               f"latency {baseline['latency_ms']:.2f} ms (batch "
+               f"{baseline['latency_batch']}, {baseline['device_kind']}).")
+  table = "\n".join(lines) + "\n"
+  with open(os.path.join(workdir, COMPARISON_MD), "w") as f:
+    f.write(table)
+  with open(os.path.join(workdir, COMPARISON_JSON), "w") as f:
+    json.dump({"baseline": baseline, "rows": rows}, f, indent=2)
+  try:
+    _plot(os.path.join(workdir, COMPARISON_PNG), rows, budgets, names,
+          baseline)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"warning: could not draw {COMPARISON_PNG}: {e}", file=sys.stderr)
+  return table
+
+
+def _plot(path, rows, budgets, names, baseline):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  for ax, (key, title) in zip(axes, (("test_accuracy_pruned",
+                                      "right after pruning"),
+                                     ("test_accuracy", "after fine-tuning"))):
+    for name in names:
+      xs, ys, es = [], [], []
+      for metric, b in budgets:
+        sel = [r for r in rows if r["method"] == name and r["budget"] == b
+               and r["budget_metric"] == metric]
+        m, s = _mean_std([r.get(key) for r in sel])
+        fm, _ = _mean_std([r["flops_fraction"] for r in sel])
+        if m is not None:
+          xs.append(fm)
+          ys.append(m)
+          es.append(s or 0.0)
+      if xs:
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+    if baseline.get("test_accuracy") is not None:
+      ax.axhline(baseline["test_accuracy"], color="k", ls="--", lw=0.8,
+                 label="unpruned")
+    ax.set_xlabel("FLOPs fraction of the unpruned network")
+    ax.set_title(f"test accuracy {title}")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("test accuracy")
+  axes[1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from legr_jax import methods  # pylint: disable=g-import-not-at-top
+  budgets, names, seeds = _parse_flags(methods)
+  cpu_kernels = common.start_process()
+  from legr_jax import (family, latency, ops, provenance,  # pylint: disable=g-import-not-at-top
+                        train)
+
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  provenance.record_session(FLAGS.workdir, {"job": "compare",
+                                            "methods": names})
+  net, variables, base_config, base_wd = _baseline(cpu_kernels, train)
+  net = net.with_ops(ops.resolve(cpu_kernels))
+  ds = train.load_dataset(base_config)
+  print(ds.summary(), "|", ds.note, flush=True)
+  if ds.test_is_val:
+    print("warning: this data set has no test split; the 'test' columns are "
+          "the validation split. Pass --test_size.", file=sys.stderr)
+  base_metrics = family._evaluate(net, variables, ds, "")  # pylint: disable=protected-access
+  base_lat = latency.measure(net, variables, batch=FLAGS.latency_batch,
+                             repeats=10)
+  baseline = {**base_metrics, "latency_ms": base_lat["median_ms"],
+              "latency_batch": base_lat["batch"],
+              "device_kind": base_lat["device_kind"],
+              "workdir": os.path.abspath(base_wd)}
+  lowest_flops = min((b for b in budgets if b.metric == "flops"),
+                     key=lambda b: b.fraction, default=None)
+  rows = []
+  for seed in seeds:
+    sdir = os.path.join(FLAGS.workdir, f"seed_{seed}")
+    finetune = common.finetune_config(base_config, cpu_kernels, seed=seed)
+    for name in names:
+      kw = {"safeguard": FLAGS.safeguard, "seed": seed}
+      if name == "legr":
+        kw.update(evaluations=FLAGS.legr_evaluations,
+                  population=FLAGS.legr_population, sample=FLAGS.legr_sample,
+                  tau_hat=FLAGS.legr_tau_hat,
+                  val_examples=FLAGS.legr_val_examples,
+                  cpu_kernels=cpu_kernels)
+      method = methods.get(name, **kw)
+      artifact, learn_s = None, 0.0
+      if method.learns:
+        if FLAGS.legr_ranking and name == "legr":
+          artifact = FLAGS.legr_ranking
+        else:
+          target = lowest_flops or methods.Budget("flops", 0.5)
+          wd = os.path.join(sdir, f"{name}_search")
+          t0 = time.perf_counter()
+          artifact = method.learn(net, variables, ds, wd, budget=target,
+                                  record={"baseline": os.path.abspath(
+                                      base_wd), **family.data_record(
+                                          base_config)},
+                                  progress=FLAGS.progress)
+          learn_s = time.perf_counter() - t0
+          result = os.path.join(wd, "result.json")
+          if os.path.exists(result):   # the search's own time, resumed too
+            with open(result) as f:
+              learn_s = json.load(f).get("search_time_s", learn_s)
+      try:
+        out = family.prune_family(
+            net, variables, ds, method, budgets,
+            workdir=os.path.join(sdir, name), finetune=finetune,
+            artifact=artifact, latency_batch=FLAGS.latency_batch,
+            progress=FLAGS.progress)
+      except methods.InfeasibleBudgetError as e:
+        print(f"error: {name}: {e}", file=sys.stderr)
+        return 2
+      for r in out:
+        r = dict(r, seed=seed, learn_seconds=learn_s)
+        r["method_seconds"] = r["method_seconds"] + learn_s
+        rows.append(r)
+  header = [
+      f"# Pruning methods compared: {net.name} on {ds.name}",
+      "",
+      f"Data: {ds.summary()} ({ds.note}). Baseline: {base_wd}. "
+      f"Fine-tuning: {FLAGS.epochs} epochs, lr {FLAGS.lr} (Nesterov, x0.2 at "
+      f"30/60/80%), batch {FLAGS.batch_size}; seeds {seeds}; safeguard "
+      f"{FLAGS.safeguard}. Accuracies: val = the validation split (the only "
+      "one methods see), test = the test split (reported only). Latency: "
+      f"median of the jitted sliced forward pass at batch "
+      f"{FLAGS.latency_batch} on {base_lat['device_kind']}. Method s: the "
+      "method's own wall time (LeGR: its search + pruning).",
+  ]
+  table = write_report(FLAGS.workdir, rows, header, baseline)
+  print(table)
+  print(f"written: {os.path.join(FLAGS.workdir, COMPARISON_MD)}, "
+        f"{COMPARISON_PNG}, {COMPARISON_JSON}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,65 @@
+"""experiments.compare end to end on a tiny digits setting: every method at
+one budget and two seeds, the report, the resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", "experiments.compare",
+                         *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_and_resume(tmp_path):
+  wd = str(tmp_path / "cmp")
+  args = (f"--workdir={wd}", "--methods=all", "--budget=0.5", "--seeds=0,1",
+          "--baseline_epochs=2", "--epochs=1", "--legr_evaluations=6",
+          "--legr_population=4", "--legr_sample=2", "--noprogress")
+  r = _run(*args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  from legr_jax import methods  # pylint: disable=g-import-not-at-top
+  report = json.load(open(os.path.join(wd, "comparison.json")))
+  rows = report["rows"]
+  assert {r["method"] for r in rows} == set(methods.names())
+  assert len(rows) == 2 * len(methods.names())      # two seeds
+  for row in rows:
+    assert row["flops_fraction"] <= 0.5
+    assert row["test_split"] == "test"
+    for key in ("val_accuracy_pruned", "test_accuracy_pruned",
+                "val_accuracy", "test_accuracy"):
+      assert 0.0 <= row[key] <= 1.0
+    assert row["latency_ms"] > 0 and row["method_seconds"] >= 0
+  md = open(os.path.join(wd, "comparison.md")).read()
+  for name in methods.names():
+    assert f"| flops:0.5 | {name} |" in md
+  assert "±" in md                                  # mean ± std over seeds
+  assert os.path.getsize(os.path.join(wd, "comparison.png")) > 1000
+  # the seeds differ where a method is random, the baseline is shared
+  rnd = [r for r in rows if r["method"] == "random"]
+  assert rnd[0]["widths"] != rnd[1]["widths"]
+  # rerun: everything is reused
+  r2 = _run(*args)
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  assert r2.stdout.count("nothing to do") >= 2 * len(methods.names())
+  again = json.load(open(os.path.join(wd, "comparison.json")))["rows"]
+  assert ([r["test_accuracy"] for r in again] ==
+          [r["test_accuracy"] for r in rows])
+
+
+def test_bad_flags_are_refused_before_anything_is_written(tmp_path):
+  wd = tmp_path / "nothing"
+  for bad in ("--methods=l2,nope", "--budget=1.5", "--seeds=a",
+              "--legr_population=500"):
+    r = _run(f"--workdir={wd}", bad)
+    assert r.returncode != 0, bad
+    assert bad.split("=")[0] in r.stderr, (bad, r.stderr[-500:])
+    assert not wd.exists()
