@@ -31,12 +31,12 @@ __all__ = ["affine_scores", "cost", "filter_norms", "group_scores",
            "masks_for_budget", "models", "ranking"]
 
 # Imported on first attribute access (heavier, or optional dependencies).
-_LAZY_SUBMODULES = ("cpu", "data", "ops", "pareto", "provenance", "search",
-                    "surgery", "train")
+_LAZY_SUBMODULES = ("cpu", "data", "family", "latency", "methods", "ops",
+                    "pareto", "provenance", "search", "surgery", "train")
 
 if _typing.TYPE_CHECKING:  # static analysers and IDEs see them eagerly
-  from legr_jax import (cpu, data, ops, pareto, provenance,  # noqa: F401
-                        search, surgery, train)
+  from legr_jax import (cpu, data, family, latency, methods,  # noqa: F401
+                        ops, pareto, provenance, search, surgery, train)
 
 
 def __getattr__(name: str):
