@@ -387,7 +387,11 @@ class Evaluator:
   def _masked_losses(self, masks: dict) -> np.ndarray:
     k = next(iter(masks.values())).shape[0]
     n_dev = len(self.devices)
-    padded = -(-k // n_dev) * n_dev
+    # A round evaluates only its fresh (not memoized) candidates; padding
+    # their count to a power of two bounds the compiled shapes to
+    # log2(K) + 1 at most twice the work (every count its own shape was the
+    # main cost of short searches: benchmarks/RESULTS.md, accelerator suite).
+    padded = -(-(1 << (k - 1).bit_length()) // n_dev) * n_dev
     masks = {g: np.concatenate([v, np.repeat(v[-1:], padded - k, 0)])
              for g, v in masks.items()}
     mesh = self._mesh()
