@@ -237,10 +237,30 @@ def _conv_override(fn) -> dict:
 
 
 def default_pad_map(in_channels: int, out_channels: int) -> tuple[int, ...]:
-  """Option-A shortcut: input centred in a zero-padded output (LeGR's ref.)."""
+  """Option-A index map, centred layout (``pad='center'``, the default).
+
+  Input channel ``i`` goes to output channel ``i + (out - in) // 2``; the
+  zeros sit around it (for 16 -> 32: 8 before, 8 after). This is the layout
+  of the common PyTorch CIFAR ResNet (akamaster's ``LambdaLayer``), not the
+  LeGR reference's: that one appends (`append_pad_map`).
+  """
   before = (out_channels - in_channels) // 2
   return tuple(j - before if 0 <= j - before < in_channels else -1
                for j in range(out_channels))
+
+
+def append_pad_map(in_channels: int, out_channels: int) -> tuple[int, ...]:
+  """Option-A index map, appended layout (``pad='append'``): input channel
+  ``i`` goes to output channel ``i``, the zeros follow the input channels (the
+  LeGR reference's ``DownsampleA``: ``cat(x, zeros)``)."""
+  return tuple(j if j < in_channels else -1 for j in range(out_channels))
+
+
+# ``ZeroPadShortcut.pad`` -> index map of an unsliced network.
+PAD_MAPS: dict[str, Callable[[int, int], tuple[int, ...]]] = {
+    "center": default_pad_map,
+    "append": append_pad_map,
+}
 
 
 class ZeroPadShortcut(nn.Module):
@@ -249,9 +269,15 @@ class ZeroPadShortcut(nn.Module):
   Output channel ``j`` copies input channel ``index_map[j]`` (or is zero when
   it is -1); the output is multiplied by the mask of the group it is added to,
   so a pruned channel of that group is zero even where the shortcut feeds it.
+  The index map comes from ``ctx.index_maps`` (sliced networks) or else from
+  ``pad``: ``'center'`` (`default_pad_map`) or ``'append'``
+  (`append_pad_map`). The two layouts give the same networks up to a
+  relabelling of the wider stream's channels; they differ only in which
+  trained weights they load.
   """
   features: int
   strides: int = 2
+  pad: str = "center"
 
   @nn.compact
   def __call__(self, x, ctx: Context, train: bool = False):
@@ -262,7 +288,10 @@ class ZeroPadShortcut(nn.Module):
     features = ctx.width(site, self.features)
     index_map = ctx.index_maps.get(site)
     if index_map is None:
-      index_map = default_pad_map(x.shape[-1], features)
+      if self.pad not in PAD_MAPS:
+        raise ValueError(f"{site}: pad must be one of {tuple(PAD_MAPS)}, got "
+                         f"{self.pad!r}")
+      index_map = PAD_MAPS[self.pad](x.shape[-1], features)
     idx = np.asarray(index_map, dtype=np.int32)
     if idx.shape != (features,):
       raise ValueError(f"{site}: index map has {idx.shape[0]} entries, "

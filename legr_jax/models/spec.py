@@ -3,6 +3,9 @@
 A *group* is a set of mask sites (convs, zero-pad shortcuts) whose output
 channels must be pruned together: outputs added into one residual stream, or
 an expansion conv and the depthwise conv over it. Each group has one mask.
+A *chain* (`NetSpec.chains`) links groups whose channels zero-pad shortcuts
+copy one to one (a CIFAR ResNet's three residual streams); it says which
+channels are one channel across the groups, the groups keep their own masks.
 
 The spec is a frozen, hashable dataclass, so it can be a static argument of
 ``jax.jit`` and the cost model and ranking can loop over it at trace time.
@@ -11,6 +14,7 @@ The spec is a frozen, hashable dataclass, so it can be a static argument of
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +70,21 @@ class GroupSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChainSpec:
+  """Groups whose channels zero-pad shortcuts link one to one.
+
+  ``positions[i][j]`` is the chain position of channel ``j`` of ``groups[i]``;
+  channels at one position are one channel carried across the shortcuts (in a
+  CIFAR ResNet with ``pad='append'``: channel ``j`` of every stage). Positions
+  are ``0 .. size - 1``; the first group's channel ``j`` is at ``j``.
+  """
+  name: str
+  size: int
+  groups: tuple[str, ...]
+  positions: tuple[tuple[int, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class NetSpec:
   """Everything the cost model, ranking and surgery need about a network."""
   input_shape: tuple[int, int, int]
@@ -98,6 +117,22 @@ class NetSpec:
       if g.name == name:
         return g
     raise KeyError(f"No group named {name!r}; known: {self.group_names}")
+
+  def chains(self) -> tuple[ChainSpec, ...]:
+    """The groups linked by zero-pad shortcuts, in ``groups`` order.
+
+    Every group is in exactly one chain (a group no shortcut links is a chain
+    of one). Each group keeps its own mask; a chain only says which channels
+    of different groups are the same channel, e.g. for scoring them together
+    as the LeGR reference does (it sums the scores of the stem and every
+    block's second conv of all three stages of a CIFAR ResNet at each
+    position).
+
+    Raises:
+      ValueError: when the shortcuts do not link channels one to one (a
+        channel copied twice, or two paths disagreeing).
+    """
+    return _chains(self)
 
   def full_masks(self, dtype=jnp.float32) -> dict[str, jnp.ndarray]:
     return {g.name: jnp.ones((g.size,), dtype) for g in self.groups}
@@ -142,6 +177,56 @@ class NetSpec:
               f"every channel of group {g.name!r} (members {g.members}) is "
               "masked; keep at least one channel per group (e.g. "
               "masks_for_budget(..., safeguard=0.1)).")
+
+
+@functools.lru_cache(maxsize=64)
+def _chains(spec: NetSpec) -> tuple[ChainSpec, ...]:
+  touching: dict[str, list[ShortcutSpec]] = {}
+  for s in spec.shortcuts:
+    if s.in_group is not None and s.in_group != s.out_group:
+      touching.setdefault(s.in_group, []).append(s)
+      touching.setdefault(s.out_group, []).append(s)
+  sizes = spec.group_sizes
+  rank = {name: i for i, name in enumerate(spec.group_names)}
+  pos: dict[str, list[int]] = {}
+  chains = []
+  for g in spec.groups:
+    if g.name in pos:
+      continue
+    pos[g.name], size, queue = list(range(g.size)), g.size, [g.name]
+    linked = [g.name]
+    while queue:
+      h = queue.pop(0)
+      for s in touching.get(h, ()):
+        # (channel of the other group, chain position) for every copy
+        if s.in_group == h:
+          other = s.out_group
+          pairs = [(j, pos[h][i]) for j, i in enumerate(s.index_map) if i >= 0]
+        else:
+          other = s.in_group
+          pairs = [(i, pos[h][j]) for j, i in enumerate(s.index_map) if i >= 0]
+        if (len({c for c, _ in pairs}) < len(pairs) or
+            len({p for _, p in pairs}) < len(pairs)):
+          raise ValueError(f"shortcut {s.name} copies a channel of "
+                           f"{s.in_group!r} twice: no one-to-one chain")
+        if other in pos:
+          if any(pos[other][c] != p for c, p in pairs):
+            raise ValueError(f"shortcut {s.name}: two paths give channels of "
+                             f"{other!r} different chain positions")
+          continue
+        new = [-1] * sizes[other]
+        for c, p in pairs:
+          new[c] = p
+        for c, p in enumerate(new):
+          if p < 0:
+            new[c], size = size, size + 1
+        pos[other] = new
+        linked.append(other)
+        queue.append(other)
+    linked.sort(key=rank.__getitem__)
+    chains.append(ChainSpec(name=g.name, size=size, groups=tuple(linked),
+                            positions=tuple(tuple(pos[n]) for n in linked)))
+  return tuple(chains)
 
 
 def spec_from_record(rec: blocks.Recorder,
