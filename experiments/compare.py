@@ -25,6 +25,10 @@ each cell is mean ± std over seeds (a seed drives the method's randomness,
 LeGR's search and the fine-tuning). Rerunning resumes: finished members and
 searches are reused. Layout: WORKDIR/baseline/, WORKDIR/seed_<s>/<method>/
 (`legr_jax.family.prune_family` workdirs), WORKDIR/seed_<s>/legr_search/.
+
+Every input (flags, data, baseline, LeGR ranking, each budget against
+--safeguard and each method) is checked before anything is written, and
+the workdir is locked while the comparison runs.
 """
 
 from __future__ import annotations
@@ -82,16 +86,31 @@ COMPARISON_JSON = "comparison.json"
 COMPARISON_PNG = "comparison.png"
 
 
+# Flag values are checked while absl parses them (before JAX is imported).
+common.dataset_name("dataset")
+common.number("val_size", 1, optional=True)
+common.number("test_size", 1, optional=True)
+common.number("baseline_epochs", 1)
+common.number("baseline_lr", 0, low_open=True)
+common.budget_list("budget")
+common.number_list("seeds", integer=True)
+common.number("safeguard", 0, 1)
+common.number("legr_evaluations", 1)
+common.number("legr_sample", 1)
+common.require(["legr_population", "legr_evaluations"],
+               lambda d: 1 <= d["legr_population"] <= d["legr_evaluations"],
+               "--legr_population must be in [1, --legr_evaluations]")
+common.number("legr_tau_hat", 0)
+common.number("legr_val_examples", 1, optional=True)
+common.number("latency_batch", 1)
+common.distinct_paths(["workdir", "checkpoint"])
+
+
 def _parse_flags(methods):
-  """Validates every flag before anything is written; returns (budgets,
-  method names, seeds)."""
-  try:
-    budgets = sorted({methods.Budget.parse(b) for b in FLAGS.budget},
-                     key=lambda b: (b.metric, b.fraction))
-  except ValueError as e:
-    raise app.UsageError(f"--budget: {e}") from None
-  if not budgets:
-    raise app.UsageError("--budget: give at least one budget")
+  """Checks what needs the method registry (after JAX) and returns
+  (budgets, method names, seeds)."""
+  budgets = sorted({methods.Budget.parse(b) for b in FLAGS.budget},
+                   key=lambda b: (b.metric, b.fraction))
   names = list(FLAGS.methods)
   if names == ["all"]:
     names = list(methods.names())
@@ -99,42 +118,62 @@ def _parse_flags(methods):
   if unknown or not names:
     raise app.UsageError(f"--methods: unknown {unknown}; known: "
                          f"{', '.join(methods.names())} or all")
-  try:
-    seeds = [int(s) for s in FLAGS.seeds]
-  except ValueError:
-    raise app.UsageError(f"--seeds must be integers, got {FLAGS.seeds}"
-                         ) from None
-  if not seeds:
-    raise app.UsageError("--seeds: give at least one seed")
-  if FLAGS.checkpoint and not os.path.isdir(FLAGS.checkpoint):
-    raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} is not a "
-                         "directory (an experiments.train workdir)")
-  if FLAGS.legr_ranking and not os.path.exists(FLAGS.legr_ranking):
-    raise app.UsageError(f"--legr_ranking={FLAGS.legr_ranking} does not "
-                         "exist")
-  if not 1 <= FLAGS.legr_population <= FLAGS.legr_evaluations:
-    raise app.UsageError(f"--legr_population={FLAGS.legr_population} must "
-                         f"be in [1, --legr_evaluations="
-                         f"{FLAGS.legr_evaluations}]")
-  if FLAGS.baseline_epochs < 1 or FLAGS.epochs < 0:
-    raise app.UsageError("--baseline_epochs must be >= 1 and --epochs >= 0")
+  seeds = [int(s) for s in FLAGS.seeds]
+  if "legr" in names and not FLAGS.legr_ranking:
+    target = min((b.fraction for b in budgets if b.metric == "flops"),
+                 default=0.5)
+    if target >= 1:
+      raise app.UsageError(
+          "--budget: LeGR's search learns at the lowest FLOPs budget, which "
+          "must be below 1 (at 1 nothing is pruned); add one, or pass "
+          "--legr_ranking")
   return budgets, names, seeds
 
 
-def _baseline(cpu_kernels, train):
-  """(net, variables, config, workdir) of the baseline, trained if needed."""
+def _check_inputs() -> dict | None:
+  """Input files that exist already (before JAX): the baseline's net.json
+  (None when it is trained here), the data set's file, the ranking."""
+  common.check_output_workdir(FLAGS.workdir)
+  net_config = None
+  if FLAGS.checkpoint:
+    _, net_config = common.check_train_workdir(FLAGS.checkpoint)
+  else:
+    common.check_dataset_files(FLAGS.dataset)
+  if FLAGS.legr_ranking:
+    path = FLAGS.legr_ranking
+    if not os.path.exists(path):
+      raise common.UserError(f"--legr_ranking={path} does not exist: give "
+                             "an experiments.learn_ranking workdir or its "
+                             "ranking.json")
+    if os.path.isdir(path):
+      path = os.path.join(path, "ranking.json")
+    common.read_json(path, "rerun experiments.learn_ranking into a new "
+                     "workdir, or leave --legr_ranking out")
+  return net_config
+
+
+def _baseline(cpu_kernels, train, loaded=None):
+  """(net, variables, config, workdir) of the baseline, trained if needed
+  (``loaded``: --checkpoint's, loaded already)."""
   if FLAGS.checkpoint:
     wd = FLAGS.checkpoint
+    if loaded is not None:
+      return (*loaded, wd)
   else:
     wd = os.path.join(FLAGS.workdir, "baseline")
-    config = train.TrainConfig(
-        model=FLAGS.model, dataset=FLAGS.dataset, val_size=FLAGS.val_size,
-        test_size=FLAGS.test_size, epochs=FLAGS.baseline_epochs,
-        lr=FLAGS.baseline_lr, schedule="cosine", warmup_epochs=1.0,
-        nesterov=True, cpu_kernels=cpu_kernels)
-    train.fit(config, wd, progress=FLAGS.progress)
+    train.fit(_baseline_config(cpu_kernels, train), wd,
+              progress=FLAGS.progress, log=common.log)
   net, variables, config = train.load_trained(wd)
   return net, variables, config, wd
+
+
+def _baseline_config(cpu_kernels, train):
+  """The `TrainConfig` of a baseline trained here."""
+  return train.TrainConfig(
+      model=FLAGS.model, dataset=FLAGS.dataset, val_size=FLAGS.val_size,
+      test_size=FLAGS.test_size, epochs=FLAGS.baseline_epochs,
+      lr=FLAGS.baseline_lr, schedule="cosine", warmup_epochs=1.0,
+      nesterov=True, cpu_kernels=cpu_kernels)
 
 
 def _mean_std(values):
@@ -234,20 +273,92 @@ def _plot(path, rows, budgets, names, baseline):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # flags only: common.run refuses positional arguments
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  net_config = _check_inputs()
+  cpu_kernels = common.start_process()
   from legr_jax import methods  # pylint: disable=g-import-not-at-top
   budgets, names, seeds = _parse_flags(methods)
-  cpu_kernels = common.start_process()
   from legr_jax import (family, latency, ops, provenance,  # pylint: disable=g-import-not-at-top
                         train)
+  loaded = _check_budgets_and_data(net_config, budgets, names, seeds,
+                                   methods, train)
+  with common.lock_workdir(FLAGS.workdir, "experiments.compare"):
+    return _compare(budgets, names, seeds, cpu_kernels, loaded, methods,
+                    family, latency, ops, provenance, train)
 
+
+def _check_budgets_and_data(net_config, budgets, names, seeds, methods,
+                            train):
+  """Before anything is written: the data and network of a baseline trained
+  here, every budget against the safeguard floor and against every method
+  (on the baseline's variables, or an initialization of its network), the
+  LeGR ranking against the network. Returns the loaded --checkpoint
+  (net, variables, config), or None."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from legr_jax import family, models  # pylint: disable=g-import-not-at-top
+  from legr_jax.methods import legr as legr_lib  # pylint: disable=g-import-not-at-top
+  from legr_jax.train import loop  # pylint: disable=g-import-not-at-top
+  loaded = None
+  if net_config is not None:
+    loaded = train.load_trained(FLAGS.checkpoint)
+    net, variables, config = loaded
+    ds = train.load_dataset(config)
+  else:
+    config = _baseline_config("auto", train)
+    ds = train.load_dataset(config)
+    if config.model not in models.known_models():
+      raise common.UserError(f"--model={config.model} is not a model; "
+                             f"known: {', '.join(models.known_models())}")
+    net = models.get(config.model, num_classes=ds.num_classes,
+                     input_shape=ds.image_shape)
+    loop.check_fit_inputs(config, ds)
+    # Stand-in weights (the methods' floors depend on the structure only),
+    # drawn in numpy: an eager net.init costs seconds.
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(
+        lambda s: np.abs(rng.standard_normal(s.shape)).astype(s.dtype) + 0.1,
+        jax.eval_shape(net.init, jax.random.key(0)))
+  finetune = common.finetune_config(config, "auto")
+  if finetune is not None:
+    loop.check_fit_inputs(finetune, ds)
+  # Runs already in WORKDIR from other settings are refused now.
+  fix = "choose another --workdir (or delete that folder)"
+  if net_config is None:
+    common.check_train_runs([os.path.join(FLAGS.workdir, "baseline")],
+                            _baseline_config("auto", train), fix)
+  for seed in seeds:
+    ft = common.finetune_config(config, "auto", seed=seed)
+    common.check_train_runs(
+        [os.path.join(FLAGS.workdir, f"seed_{seed}", name,
+                      family.member_name(b)) for name in names
+         for b in budgets], ft, fix)
+  common.check_budgets_reachable(net.spec, budgets, FLAGS.safeguard,
+                                 "--budget")
+  if FLAGS.legr_ranking:
+    legr_lib.load_affine(FLAGS.legr_ranking, net.spec.layer_names)
+  for name in names:
+    method = methods.get(name, safeguard=FLAGS.safeguard)
+    if method.learns:
+      continue   # a global ranking: the safeguard floor above is exact
+    for b in budgets:
+      try:
+        method.prune(net, variables, b)
+      except methods.InfeasibleBudgetError as e:
+        raise common.UserError(f"--budget: {b}: {name}: {e}") from None
+  return loaded
+
+
+def _compare(budgets, names, seeds, cpu_kernels, loaded, methods, family,
+             latency, ops, provenance, train):
+  """Everything after the checks (the workdir is locked)."""
   os.makedirs(FLAGS.workdir, exist_ok=True)
   provenance.record_session(FLAGS.workdir, {"job": "compare",
                                             "methods": names})
-  net, variables, base_config, base_wd = _baseline(cpu_kernels, train)
+  net, variables, base_config, base_wd = _baseline(cpu_kernels, train,
+                                                   loaded)
   net = net.with_ops(ops.resolve(cpu_kernels))
   ds = train.load_dataset(base_config)
   print(ds.summary(), "|", ds.note, flush=True)
@@ -288,7 +399,7 @@ def main(argv):
                                   record={"baseline": os.path.abspath(
                                       base_wd), **family.data_record(
                                           base_config)},
-                                  progress=FLAGS.progress)
+                                  progress=FLAGS.progress, log=common.log)
           learn_s = time.perf_counter() - t0
           result = os.path.join(wd, "result.json")
           if os.path.exists(result):   # the search's own time, resumed too
@@ -299,10 +410,9 @@ def main(argv):
             net, variables, ds, method, budgets,
             workdir=os.path.join(sdir, name), finetune=finetune,
             artifact=artifact, latency_batch=FLAGS.latency_batch,
-            progress=FLAGS.progress)
+            progress=FLAGS.progress, log=common.log)
       except methods.InfeasibleBudgetError as e:
-        print(f"error: {name}: {e}", file=sys.stderr)
-        return 2
+        raise common.UserError(f"{name}: {e}") from None
       for r in out:
         r = dict(r, seed=seed, learn_seconds=learn_s)
         r["method_seconds"] = r["method_seconds"] + learn_s
@@ -327,4 +437,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

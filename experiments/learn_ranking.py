@@ -18,16 +18,19 @@ Several hosts (a TPU pod slice, a CPU cluster): run the same command on every
 host with --distributed (or --coordinator_address, --num_processes and
 --process_id where JAX cannot find its peers itself) and a --workdir all of
 them share; each round's candidates are spread over every host's devices and
-process 0 writes the plain files.
+process 0 writes the plain files (and holds the workdir's lock).
+
+Bad input (flags, the baseline's files, data, a target below what
+--safeguard allows) is refused before anything is written; a search in which
+no candidate got a finite loss exits 1 without a ranking.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import common
 
@@ -103,10 +106,48 @@ CRASH = flags.DEFINE_integer("debug_crash_after", None, "Testing aid: "
 flags.mark_flags_as_required(["workdir", "checkpoint"])
 FLAGS = flags.FLAGS
 
+# Flag values are checked while absl parses them (before JAX is imported).
+common.number("cpu_devices", 1, optional=True)
+common.number("num_processes", 1, optional=True)
+common.number("process_id", 0, optional=True)
+common.require(["process_id", "num_processes"],
+               lambda d: d["process_id"] is None or (
+                   d["num_processes"] is not None and
+                   d["process_id"] < d["num_processes"]),
+               "--process_id must be in [0, --num_processes)")
+common.dataset_name("dataset", optional=True)
+common.number("val_size", 1, optional=True)
+common.number("val_examples", 1, optional=True)
+common.number("target_flops", 0, 1, low_open=True, high_open=True,
+              hint="the kept FLOPs fraction the search prunes to, e.g. 0.47 "
+              "(at 1 nothing is pruned)")
+common.number("safeguard", 0, 1)
+common.number("tau_hat", 0)
+common.number("lr", 0, low_open=True)
+common.number("batch_size", 1)
+common.number("eval_batch_size", 1)
+common.number("population", 1)
+common.number("sample", 1)
+common.require(["population", "generations"],
+               lambda d: d["population"] <= d["generations"],
+               "--generations (evaluations in total) must be at least "
+               "--population (the initial population)")
+common.number("mutate_fraction", 0, 1)
+common.number("candidates_per_round", 1)
+common.number("bucket", 1)
+common.number("workers", 1, optional=True)
+common.number("checkpoint_every", 1)
+common.number("debug_crash_after", 1, optional=True)
+common.distinct_paths(["workdir", "checkpoint"])
+
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # flags only: common.run refuses positional arguments
+  # Inputs that exist already, still without JAX.
+  common.check_output_workdir(WORKDIR.value)
+  _, net_config = common.check_train_workdir(CHECKPOINT.value)
+  common.check_dataset_files(DATASET.value)
+  common.check_run_config(WORKDIR.value, "search_config.json")
   if _CPU_DEVICES.value:
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") +
@@ -124,21 +165,30 @@ def main(argv):
                                  num_processes=NUM_PROCESSES.value,
                                  process_id=PROCESS_ID.value)
     except (ValueError, RuntimeError) as e:
-      print(f"error: jax.distributed.initialize failed: {str(e).rstrip('.')}. "
-            "JAX finds its "
-            "peers by itself only on TPU pods and cluster managers such as "
-            "SLURM; elsewhere pass --coordinator_address=HOST:PORT (process "
-            "0's), --num_processes and --process_id on every host.",
-            file=sys.stderr)
-      return 2
+      raise common.UserError(
+          f"jax.distributed.initialize failed: {str(e).rstrip('.')}. JAX "
+          "finds its peers by itself only on TPU pods and cluster managers "
+          "such as SLURM; elsewhere pass --coordinator_address=HOST:PORT "
+          "(process 0's), --num_processes and --process_id on every host."
+          ) from None
   from legr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from legr_jax import search, train  # pylint: disable=g-import-not-at-top
+  from legr_jax import models, search, train  # pylint: disable=g-import-not-at-top
+  from legr_jax.search import driver, multihost  # pylint: disable=g-import-not-at-top
 
+  # The target against the safeguard floor first: it needs only net.json.
+  try:
+    spec = models.from_config(net_config).spec
+  except (TypeError, KeyError, ValueError) as e:
+    raise common.UserError(
+        f"{os.path.join(CHECKPOINT.value, 'net.json')} does not describe a "
+        f"network ({e}): rerun its training into a new workdir") from None
+  if MODEL.value and MODEL.value != net_config.get("model"):
+    raise common.UserError(f"--model={MODEL.value} but --checkpoint="
+                           f"{CHECKPOINT.value} holds a "
+                           f"{net_config.get('model')}")
+  common.check_budgets_reachable(spec, [("flops", TARGET_FLOPS.value)],
+                                 SAFEGUARD.value, "--target_flops")
   net, variables, tconf = train.load_trained(CHECKPOINT.value)
-  if MODEL.value and MODEL.value != net.name:
-    print(f"error: --model={MODEL.value} but {CHECKPOINT.value} holds a "
-          f"{net.name}", file=sys.stderr)
-    return 2
   dataset = DATASET.value or tconf.dataset
   same_data = dataset == tconf.dataset and VAL_SIZE.value is None
   config = search.SearchConfig(
@@ -155,26 +205,60 @@ def main(argv):
       candidates_per_round=K.value, seed=SEED.value, backend=BACKEND.value,
       bucket=BUCKET.value, workers=WORKERS.value,
       checkpoint_every=CKPT_EVERY.value, cpu_kernels=cpu_kernels)
+  ds = data_lib.get_dataset(config.dataset, data_dir=config.data_dir,
+                            val_fraction=config.val_fraction,
+                            val_size=config.val_size,
+                            test_size=config.test_size,
+                            seed=config.split_seed)
+  if tuple(ds.image_shape) != tuple(net.input_shape):
+    raise common.UserError(
+        f"--dataset={config.dataset} has images {ds.image_shape}, the "
+        f"network of --checkpoint={CHECKPOINT.value} expects "
+        f"{net.input_shape}")
+  if not len(ds.val):
+    raise common.UserError(
+        f"{config.dataset} has no validation images to rank candidates on: "
+        "give --val_size=N (or a baseline trained with a validation split)")
+  if config.tau_hat and len(ds.train) < config.batch_size:
+    raise common.UserError(
+        f"--batch_size={config.batch_size} is larger than the training split "
+        f"({len(ds.train)} images) the --tau_hat steps draw from: lower it")
+  old = os.path.join(WORKDIR.value, driver.CONFIG_JSON)
+  if os.path.exists(old) and not OVERWRITE.value:
+    fix = "pass --overwrite to delete that search, or choose another --workdir"
+    try:
+      diff = driver.differences(search.SearchConfig.from_dict(
+          common.read_json(old, fix)), config)
+    except (TypeError, ValueError) as e:
+      raise common.UserError(f"{old} is damaged ({e}): {fix}") from None
+    if diff:
+      raise common.UserError(
+          f"{WORKDIR.value} holds a different search (" + "; ".join(
+              f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+          + "): choose another --workdir, or pass --overwrite to delete "
+          "that search")
+  # One job per workdir: process 0 locks it for all processes.
+  primary = multihost.is_primary()
+  lock, refusal = None, None
   try:
-    ds = data_lib.get_dataset(config.dataset, data_dir=config.data_dir,
-                              val_fraction=config.val_fraction,
-                              val_size=config.val_size,
-                              test_size=config.test_size,
-                              seed=config.split_seed)
-    if tuple(ds.image_shape) != tuple(net.input_shape):
-      print(f"error: {config.dataset} has images {ds.image_shape}, the "
-            f"network expects {net.input_shape}", file=sys.stderr)
-      return 2
+    lock = common.lock_workdir(WORKDIR.value, "experiments.learn_ranking",
+                               primary=primary)
+  except Exception as e:  # pylint: disable=broad-except
+    refusal = str(e)
+  refusal = multihost.broadcast_json(refusal)
+  if refusal:
+    raise common.UserError(refusal)
+  try:
     out = search.search(config, WORKDIR.value, net=net, variables=variables,
                         dataset=ds, overwrite=OVERWRITE.value,
-                        progress=PROGRESS.value, crash_after=CRASH.value)
-  except (search.SearchConflictError, data_lib.NotPreparedError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+                        progress=PROGRESS.value, log=common.log,
+                        crash_after=CRASH.value)
+  finally:
+    lock.release()
   print(json.dumps({"best_loss": out.loss,
                     "ranking": os.path.join(out.workdir, "ranking.json")}))
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -16,12 +16,14 @@ to name LeGR's artifact. Budgets are FLOPs fractions (``0.47``) or
 one budget (resumable), WORKDIR/pareto/ the orbax Pareto set with
 pareto.json, WORKDIR/summary.json the table printed at the end. Rerunning
 the same command resumes; finished budgets are not redone.
+
+Every input (flags, the baseline, the ranking, every budget against what
+--safeguard and the method allow) is checked before anything is written.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 
@@ -53,28 +55,64 @@ flags.DEFINE_bool("overwrite", False, "Replace a different run found in "
                   "--workdir.")
 flags.mark_flags_as_required(["checkpoint", "workdir"])
 
+# Flag values are checked while absl parses them (before JAX is imported).
+common.budget_list("budgets")
+common.number("safeguard", 0, 1)
+common.number("round_to", 1)
+common.number("latency_batch", 1)
+common.distinct_paths(["workdir", "checkpoint"])
+common.require(["workdir", "ranking"],
+               lambda d: d["ranking"] == "l2" or d["workdir"] is None or (
+                   os.path.realpath(d["workdir"]) !=
+                   os.path.realpath(d["ranking"])),
+               "--workdir must not be the --ranking folder: experiments."
+               "prune writes only its own --workdir")
 
-def _fail(msg: str) -> int:
-  print(f"error: {msg}", file=sys.stderr)
-  return 2
+RANKING_FIX = ("run python -m experiments.learn_ranking first (its --workdir "
+               "holds ranking.json), or pass --ranking=l2")
+
+
+def _check_ranking_files(ranking: str) -> None:
+  """--ranking names a finished search's ranking.json (before JAX)."""
+  if ranking == "l2":
+    return
+  if not os.path.exists(ranking):
+    raise common.UserError(f"--ranking={ranking} does not exist: "
+                           f"{RANKING_FIX}")
+  path = ranking
+  if os.path.isdir(ranking):
+    path = os.path.join(ranking, "ranking.json")
+    if not os.path.exists(path):
+      has = lambda f: os.path.exists(os.path.join(ranking, f))  # noqa: E731
+      why = ("its search has not finished: rerun the same "
+             "experiments.learn_ranking command to resume it"
+             if has("search_config.json") else
+             "it is an experiments.train workdir, not a search's; "
+             + RANKING_FIX if has("config.json") else RANKING_FIX)
+      raise common.UserError(f"--ranking={ranking} holds no ranking.json: "
+                             f"{why}")
+  common.read_json(path, "learn it again: rerun experiments.learn_ranking "
+                   "into a new workdir")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # flags only: common.run refuses positional arguments
+  # Inputs that exist already, still without JAX.
+  common.check_output_workdir(FLAGS.workdir)
+  _, net_config = common.check_train_workdir(FLAGS.checkpoint)
+  _check_ranking_files(FLAGS.ranking)
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   cpu_kernels = common.start_process()  # before JAX's first computation
-  from legr_jax import family, methods, ops, train  # pylint: disable=g-import-not-at-top
+  from legr_jax import family, methods, models, ops, train  # pylint: disable=g-import-not-at-top
   from legr_jax.methods import legr as legr_lib  # pylint: disable=g-import-not-at-top
+  from legr_jax.train import loop  # pylint: disable=g-import-not-at-top
 
-  try:
-    budgets = [methods.Budget.parse(b) for b in FLAGS.budgets]
-  except ValueError as e:
-    raise app.UsageError(f"--budgets: {e}") from None
-  if not budgets:
-    raise app.UsageError("--budgets: give at least one budget")
+  budgets = [methods.Budget.parse(b) for b in FLAGS.budgets]
   name = FLAGS.method or ("l2" if FLAGS.ranking == "l2" else "legr")
+  if name not in methods.names():
+    raise app.UsageError(f"--method={name} is not a pruning method; known: "
+                         f"{', '.join(methods.names())}")
   try:
     method = methods.get(name, safeguard=FLAGS.safeguard,
                          **({"seed": FLAGS.seed} if name != "legr" else {}))
@@ -87,28 +125,45 @@ def main(argv):
                            "--ranking=SEARCH_WORKDIR (experiments."
                            "learn_ranking)")
     artifact = FLAGS.ranking
-  if not os.path.isdir(FLAGS.checkpoint):
-    return _fail(f"--checkpoint={FLAGS.checkpoint} is not a directory: "
-                 "train a baseline with python -m experiments.train first")
+  # Budgets against the safeguard floor and the ranking against the
+  # network: both need only net.json.
   try:
-    net, variables, base_config = train.load_trained(FLAGS.checkpoint)
-    if artifact is not None:   # refuse a bad ranking before any work
-      legr_lib.load_affine(artifact, net.spec.layer_names)
-  except (FileNotFoundError, ValueError) as e:
-    return _fail(str(e))
+    spec = models.from_config(net_config).spec
+  except (TypeError, KeyError, ValueError) as e:
+    raise common.UserError(
+        f"{os.path.join(FLAGS.checkpoint, 'net.json')} does not describe a "
+        f"network ({e}): rerun its training into a new workdir") from None
+  common.check_budgets_reachable(spec, budgets, FLAGS.safeguard, "--budgets",
+                                 round_to=FLAGS.round_to)
+  if artifact is not None:
+    legr_lib.load_affine(artifact, spec.layer_names)
+  net, variables, base_config = train.load_trained(FLAGS.checkpoint)
   net = net.with_ops(ops.resolve(cpu_kernels))
+  # Every budget by the method itself (its own floor, round_to): masks only.
+  for b in budgets:
+    try:
+      method.prune(net, variables, b, artifact=artifact,
+                   round_to=FLAGS.round_to)
+    except methods.InfeasibleBudgetError as e:
+      raise common.UserError(f"--budgets: {b}: {e}") from None
   ds = train.load_dataset(base_config)
   finetune = common.finetune_config(base_config, cpu_kernels)
-  try:
+  if finetune is not None:
+    loop.check_fit_inputs(finetune, ds)
+  if not FLAGS.overwrite:
+    common.check_train_runs(
+        [os.path.join(FLAGS.workdir, family.member_name(b, FLAGS.round_to))
+         for b in budgets], finetune,
+        "choose another --workdir, or pass --overwrite to replace it")
+  with common.lock_workdir(FLAGS.workdir, "experiments.prune"):
     rows = family.prune_family(
         net, variables, ds, method, budgets, workdir=FLAGS.workdir,
         finetune=finetune, artifact=artifact, round_to=FLAGS.round_to,
         latency_batch=FLAGS.latency_batch, overwrite=FLAGS.overwrite,
+        log=common.log,
         summary_extra={"checkpoint": os.path.abspath(FLAGS.checkpoint),
                        "ranking": FLAGS.ranking,
                        "safeguard": FLAGS.safeguard})
-  except (methods.InfeasibleBudgetError, train.WorkdirConflictError) as e:
-    return _fail(str(e))
   print(f"{'budget':>14} {'MACs':>10} {'params':>9} {'val acc':>8} "
         f"{'test acc':>8} {'ms/batch':>8} pareto")
   for row in rows:
@@ -123,4 +178,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -59,6 +59,22 @@ def _check_keys(tree: Mapping, expected, what: str) -> None:
                      f"{extra}")
 
 
+def _is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _check_finite(x, what: str) -> None:
+  """Raises ValueError when the concrete array ``x`` holds NaN or inf (a
+  traced one is left to the caller's ``feasible`` flag)."""
+  if _is_traced(x):
+    return
+  a = np.asarray(x)
+  if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
+    bad = a[~np.isfinite(a)].ravel()[0]
+    raise ValueError(f"{what} is not finite ({bad}); NaN/inf weights, "
+                     "scores or affine parameters cannot be ranked")
+
+
 def _site(params: Mapping, name: str):
   node = params
   for part in name.split("/"):
@@ -115,11 +131,19 @@ def affine_scores(norms: Mapping, alpha: Mapping, kappa: Mapping
 
   Returns:
     ``{layer: [C_l] array}`` (dtype promoted from the inputs).
+
+  Raises:
+    ValueError: called eagerly with a NaN or infinite norm, alpha or kappa.
+      Under jit / vmap they pass through into the scores, and
+      `masks_for_budget` then returns ``feasible = False``.
   """
   _check_keys(alpha, list(norms), "alpha")
   _check_keys(kappa, list(norms), "kappa")
   out = {}
   for name, n in norms.items():
+    _check_finite(alpha[name], f"alpha[{name!r}]")
+    _check_finite(kappa[name], f"kappa[{name!r}]")
+    _check_finite(n, f"norms[{name!r}]")
     n = jnp.asarray(n)
     a, k = jnp.asarray(alpha[name]), jnp.asarray(kappa[name])
     chex.assert_rank(n, 1, custom_message=f"norms[{name!r}]")
@@ -132,9 +156,21 @@ def group_scores(spec: NetSpec, layer_scores: Mapping) -> dict[str, jax.Array]:
   """One score per channel of every group: the sum of its layers' scores.
 
   Layers coupled by a residual sum (or an expansion conv and its depthwise
-  conv) share a mask; as in the LeGR reference a shared channel's score is the
-  sum of its member layers' (transformed) scores. A member narrower than its
-  group contributes zeros to the channels it lacks.
+  conv) share a mask; a shared channel's score here is the sum of the group's
+  member layers' (transformed) scores. A member narrower than its group
+  contributes zeros to the channels it lacks.
+
+  The LeGR reference also sums (``one_shot_lowest_ranking_filters``), over
+  its *chains*, zero-padded to the widest member; its multi-target variant
+  (``..._multi_targets``) takes the mean over the members that have the
+  channel. On CIFAR ResNets its chain is the stem and every block's second
+  conv of all three stages (its zero-pad shortcut appends, so channel ``j`` is
+  one channel through the stages): ResNet-56's channels 0-15 sum 28 layers,
+  16-31 18 and 32-63 9. Here a group is one stage's stream (one mask: the
+  reference's per-layer safeguard also lets stages keep different channels),
+  so stage 1 sums 10 layers, stages 2 and 3 nine each. `NetSpec.chains`
+  gives the cross-stage positions for the reference's sum (with
+  ``models.get(..., pad='append')``; see ``tools/legr_fidelity.py``).
 
   Args:
     spec: the `NetSpec` (static).
@@ -370,7 +406,9 @@ def masks_for_budget(spec: NetSpec, scores: Mapping, *, flops=None,
   the convs reading it, so the cost is recomputed exactly after every step).
   Every group keeps its ``max(1, ceil(safeguard * C_g))`` best channels (the
   ceil forgives a relative 1e-6 of float rounding). Ties in score are removed
-  in ``spec.groups`` order, then channel index. NaN scores rank highest.
+  in ``spec.groups`` order, then channel index. Scores must be finite:
+  eagerly NaN / inf raise; under jit / vmap they make ``feasible`` False
+  (the masks are then computed with NaN ranked highest, and meaningless).
 
   The result is the shortest prefix of that order that fits: its cost is
   ``<= budget`` and exceeds the budget minus the cost of its last removed
@@ -398,13 +436,15 @@ def masks_for_budget(spec: NetSpec, scores: Mapping, *, flops=None,
   Returns:
     ``(masks, feasible)``, always a pair: ``masks`` is ``{group: [C_g]
     float32 0/1}``; ``feasible`` a bool scalar array, False when the budget
-    is below the cheapest network the safeguard allows. In that case the
-    masks keep only the protected channels (the cheapest such network).
+    is below the cheapest network the safeguard allows (the masks then keep
+    only the protected channels, the cheapest such network), or when a score
+    is NaN or infinite.
 
   Raises:
     ValueError: when called eagerly (no jit/vmap tracing) with an infeasible
-      budget; under jit or vmap check ``feasible`` instead. Also on bad keys,
-      shapes, a negative budget or a safeguard outside [0, 1].
+      budget or a NaN / infinite score; under jit or vmap check ``feasible``
+      instead. Also on bad keys, shapes, a negative budget or a safeguard
+      outside [0, 1].
   """
   if flops is None and params is None:
     raise ValueError("give a budget: flops=... and/or params=... (a fraction "
@@ -413,6 +453,7 @@ def masks_for_budget(spec: NetSpec, scores: Mapping, *, flops=None,
   for g in spec.groups:
     chex.assert_shape(scores[g.name], (g.size,),
                       custom_message=f"scores[{g.name!r}]")
+    _check_finite(scores[g.name], f"scores[{g.name!r}]")
   if (isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer))
       or round_to < 1):
     raise ValueError(f"round_to must be an int >= 1 (channels per pruning "
@@ -447,6 +488,9 @@ def masks_for_budget(spec: NetSpec, scores: Mapping, *, flops=None,
       order = units[g.name][0]
       masks[g.name] = jnp.zeros((g.size,), jnp.float32).at[order].set(
           jnp.repeat(unit_masks[g.name], int(rg)), unique_indices=True)
+  if any(_is_traced(s) for s in scores.values()):   # eagerly: raised above
+    feasible = feasible & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(jnp.asarray(s))) for s in scores.values()]))
   if not isinstance(feasible, jax.core.Tracer) and not bool(feasible):
     problems = []
     for metric, b in zip(metrics, budgets):

@@ -667,6 +667,12 @@ def test_learned_ranking_beats_the_identity_ranking(baseline, tmp_path):
 
 
 def test_distributed_without_peers_is_a_clear_error(tmp_path):
+  # A folder that passes the checks made before JAX starts (the baseline's
+  # files are read only after jax.distributed.initialize).
+  ck = tmp_path / "ck"
+  (ck / "checkpoints" / "1").mkdir(parents=True)
+  (ck / "config.json").write_text("{}")
+  (ck / "net.json").write_text("{}")
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.learn_ranking", "--distributed",
        f"--workdir={tmp_path / 'wd'}", f"--checkpoint={tmp_path / 'ck'}"],

@@ -88,20 +88,48 @@ def _in_memory(name: str, x, y, x_test, y_test, *, num_classes: int | None,
                augment: str | None, note: str,
                test_size: int | None = None) -> Dataset:
   """Carves val from (x, y); test = (x_test, y_test), else ``test_size``
-  images carved first from (x, y), else val (with a warning)."""
+  images carved first from (x, y), else val (with a warning). Refuses (a
+  ValueError naming the data set and the setting) data too small for its
+  splits: every split asked for must get at least one image."""
+  y = local.as_labels(y, f"data set {name!r}: labels", num_classes)
+  if y_test is not None:
+    y_test = local.as_labels(y_test, f"data set {name!r}: test labels",
+                             num_classes)
+    if tuple(x_test.shape[1:]) != tuple(x.shape[1:]):
+      raise ValueError(f"data set {name!r}: test images are "
+                       f"{tuple(x_test.shape[1:])}, training images "
+                       f"{tuple(x.shape[1:])}; they must have one shape")
   if test_size is not None:
     if x_test is not None:
       raise ValueError(f"data set {name!r} has its own test split; "
                        "test_size carves one only from data without it")
-    if not 0 < test_size < len(x):
-      raise ValueError(f"test_size={test_size} must be in (0, {len(x)}) for "
-                       f"data set {name!r} ({len(x)} images)")
+    if not 0 < test_size < len(x) - 1:
+      raise ValueError(f"test_size={test_size} (--test_size) must be in [1, "
+                       f"{len(x) - 2}] for data set {name!r} ({len(x)} "
+                       "images; training and validation need some too)")
     rest, test = carve(len(x), size=test_size, seed=seed, tag=TAG_TEST)
     x, y, x_test, y_test = x[rest], y[rest], x[test], y[test]
     note += (f"; test = seeded {test_size} images carved first (seed "
              f"{seed}), val carved from the rest")
   full = ArraySplit(x, y)
-  train_idx, val_idx = carve(len(full), fraction=val_fraction, size=val_size,
+  n = len(full)
+  n_val = val_size if val_size is not None else int(round(val_fraction * n))
+  if val_size is not None and not 0 <= val_size < n:
+    raise ValueError(f"val_size={val_size} (--val_size) must be in [0, "
+                     f"{n - 1}]: data set {name!r} has {n} images to carve "
+                     "the validation split from")
+  if val_size is None and not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction={val_fraction} (--val_fraction) must be "
+                     "in [0, 1)")
+  if val_size is None and val_fraction > 0 and n_val == 0:
+    raise ValueError(f"data set {name!r} is too small to carve a validation "
+                     f"split: {n} images x val_fraction {val_fraction} rounds "
+                     "to 0 images; give more data or --val_size")
+  if n - n_val < 1:
+    raise ValueError(f"data set {name!r} is too small: {n} images leave no "
+                     f"training image after {n_val} validation images; give "
+                     "more data or a smaller validation split")
+  train_idx, val_idx = carve(n, fraction=val_fraction, size=val_size,
                              seed=seed)
   train, val = full.subset(train_idx), full.subset(val_idx)
   test_is_val = x_test is None
@@ -114,7 +142,7 @@ def _in_memory(name: str, x, y, x_test, y_test, *, num_classes: int | None,
   else:
     test = ArraySplit(x_test, y_test)
   if num_classes is None:
-    num_classes = int(max(full.y.max(), test.y.max())) + 1
+    num_classes = int(max(full.y.max(), test.y.max(initial=0))) + 1
   mean, std = channel_stats(train.x)
   image_shape = tuple(int(d) for d in x.shape[1:])
   return Dataset(name=name, train=train, val=val, test=test,
@@ -168,7 +196,11 @@ def get_dataset(name: str, *, data_dir: str | None = None,
     download: allow TFDS to download and prepare missing data.
 
   Raises:
-    ValueError: unknown name.
+    ValueError: unknown name; in-memory data that is unreadable, has labels
+      that are not integers in [0, num_classes) or test images of another
+      shape, or is too small for its splits (each message names the file or
+      setting).
+    FileNotFoundError: a local file or folder is missing.
     tfds_data.NotPreparedError: a TFDS data set is absent and
       ``download`` is False; the message says how to prepare it.
   """
@@ -180,6 +212,9 @@ def get_dataset(name: str, *, data_dir: str | None = None,
     return _tfds(name, data_dir=data_dir, download=download, **common)
   if name == "digits":
     x, y = local.load_digits()
+    if test_size is not None and not 0 < test_size < len(x) - 1:
+      raise ValueError(f"test_size={test_size} (--test_size) must be in [1, "
+                       f"{len(x) - 2}] for the digits ({len(x)} images)")
     rest, test = carve(len(x), fraction=test_fraction, size=test_size,
                        seed=seed, tag=TAG_TEST)
     return _in_memory(

@@ -18,12 +18,18 @@ Workdir layout::
   ranking.json         learned ranking: layer name -> alpha, kappa (+ info)
   ranking/             the same arrays, orbax
   result.json          summary, written when the search completes
+
+A target below the cheapest network the safeguard allows is refused before
+anything is written; a search in which no candidate got a finite loss raises
+`SearchInfeasibleError` and writes no ranking. A resumed search whose newest
+state checkpoint is damaged continues from the newest one that restores.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -35,6 +41,7 @@ import numpy as np
 
 from legr_jax import ops as ops_lib
 from legr_jax import provenance
+from legr_jax.methods import budget as budget_lib
 from legr_jax.search import evolution, fitness, multihost
 from legr_jax.search import state as state_lib
 from legr_jax.train.progress import Progress
@@ -53,6 +60,12 @@ OPERATIONAL_FIELDS = ("backend", "bucket", "workers", "checkpoint_every",
 
 class SearchConflictError(RuntimeError):
   """The workdir holds a different search."""
+  exit_code = 2   # experiments' exit status
+
+
+class SearchInfeasibleError(RuntimeError):
+  """No candidate of the search got a finite loss; no ranking is written."""
+  exit_code = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +112,15 @@ class SearchConfig:
   cpu_kernels: str = "auto"
 
   def __post_init__(self):
+    f = self.flops
+    if (isinstance(f, bool) or not isinstance(f, (int, float))
+        or not math.isfinite(f) or not 0.0 < f < 1.0):
+      raise ValueError(f"the search's FLOPs target (--target_flops) must be "
+                       f"a fraction in (0, 1), got {f!r}: at 1 nothing is "
+                       "pruned and every candidate is the same network")
+    if not 0.0 <= float(self.safeguard) <= 1.0:
+      raise ValueError(f"safeguard (--safeguard) must be in [0, 1], got "
+                       f"{self.safeguard!r}")
     if self.candidates_per_round < 1:
       raise ValueError("candidates_per_round must be >= 1")
     if self.backend not in fitness.BACKENDS:
@@ -169,9 +191,14 @@ def prepare_workdir(workdir: str, config: SearchConfig, *,
   if present and CONFIG_JSON not in present:
     conflict = f"it holds {present} but no {CONFIG_JSON}"
   elif present:
-    with open(os.path.join(workdir, CONFIG_JSON)) as f:
-      old = SearchConfig.from_dict(json.load(f))
-    diff = differences(old, config)
+    path = os.path.join(workdir, CONFIG_JSON)
+    try:
+      with open(path) as f:
+        old = SearchConfig.from_dict(json.load(f))
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+      old = None
+      conflict = f"its {CONFIG_JSON} is damaged ({e})"
+    diff = differences(old, config) if old is not None else {}
     if diff:
       conflict = "it holds a different search: " + "; ".join(
           f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -187,6 +214,23 @@ def prepare_workdir(workdir: str, config: SearchConfig, *,
     present = []
   _write_json(os.path.join(workdir, CONFIG_JSON), config.to_dict())
   return bool(present)
+
+
+def check_reachable(spec, config: SearchConfig) -> None:
+  """Raises `legr_jax.methods.InfeasibleBudgetError` (a ValueError) when
+  ``config.flops`` is below the cheapest network the safeguard allows
+  (every group at ``max(1, ceil(safeguard * C_g))`` channels): no candidate
+  could meet it."""
+  keep = budget_lib.protected_counts(spec, config.safeguard)
+  low = budget_lib.cost_of_counts(spec, keep, "flops")
+  total = budget_lib.cost_of_counts(spec, budget_lib.sizes(spec), "flops")
+  if low > math.floor(config.flops * total):
+    raise budget_lib.InfeasibleBudgetError(
+        f"the search's FLOPs target {config.flops:g} (--target_flops) is "
+        f"below {low / total:.4g}, the smallest FLOPs fraction this network "
+        f"reaches with safeguard {config.safeguard:g} (--safeguard; every "
+        "group keeps max(1, ceil(safeguard * its channels))): no candidate "
+        "could meet it. Raise the target or lower the safeguard.")
 
 
 def population_curves(records: list[dict], population: int):
@@ -261,7 +305,15 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
     `SearchResult` with the best member's alpha / kappa.
   Raises:
     SearchConflictError: ``workdir`` holds a different search.
+    legr_jax.methods.InfeasibleBudgetError: the target is below what the
+      safeguard allows (before anything is written).
+    SearchInfeasibleError: no candidate got a finite loss (no ranking is
+      written).
   """
+  check_reachable(net.spec, config)
+  evo_cfg = config.evolution_config()
+  fit_cfg = config.fitness_config()
+  data = fitness.prepare_data(dataset, fit_cfg)   # its errors: before writing
   # Several processes (multihost): the primary prepares the workdir and
   # writes the plain files; all of them read, evaluate and write orbax.
   primary = multihost.is_primary()
@@ -278,9 +330,6 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
   if status["error"]:
     raise SearchConflictError(status["error"])
   resuming = status["resuming"]
-  evo_cfg = config.evolution_config()
-  fit_cfg = config.fitness_config()
-  data = fitness.prepare_data(dataset, fit_cfg)
   net = net.with_ops(ops_lib.resolve(
       config.cpu_kernels, devices if devices is not None else jax.devices()))
   evaluator = fitness.Evaluator(net, variables, data, fit_cfg,
@@ -295,7 +344,13 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
   evlog = state_lib.EvaluationLog(workdir)
   state = evolution.init_state(config.seed, evaluator.layer_std,
                                config.population)
-  restored = state_lib.restore_state(manager, state) if resuming else None
+  # Every process restores; only the primary removes damaged checkpoints.
+  restored = (state_lib.restore_state(manager, state, log=log,
+                                      remove_broken=primary)
+              if resuming else None)
+  multihost.sync("legr_search_restored")
+  if resuming and not primary:
+    manager.reload()
   if restored is not None:
     state, meta = restored
     if not np.allclose(np.asarray(state.kappa_std), evaluator.layer_std,
@@ -366,6 +421,17 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
   alpha, kappa, loss, birth = jax.device_get(evolution.best(state))
   multihost.sync("legr_search_done")
   records = evlog.read()
+  if not np.isfinite(loss):
+    manager.close()
+    feasible = sum(1 for r in records if r.get("feasible"))
+    fix = ("raise --target_flops or lower --safeguard" if not feasible else
+           "every loss was NaN/inf: lower --lr of the tau_hat steps (or "
+           "--tau_hat), or check the baseline")
+    raise SearchInfeasibleError(
+        f"no candidate of the search in {workdir} got a finite validation "
+        f"loss ({feasible} of {len(records)} evaluations met FLOPs "
+        f"{config.flops:g} with safeguard {config.safeguard:g}), so no "
+        f"ranking was written: {fix}, then rerun with --overwrite")
   info = {"loss": float(loss), "evaluation": int(birth),
           "flops_target": config.flops, "safeguard": config.safeguard,
           "tau_hat": config.tau_hat, "model": net.name,

@@ -4,7 +4,8 @@
 Search checkpoints live in ``<workdir>/state/<count>/{state,meta}`` (the last
 ``keep`` are kept); ``count`` is the number of evaluations inserted. Saving is
 synchronous, so a process killed at any point leaves the previous checkpoint
-intact and the search resumes from it.
+intact and the search resumes from it; a damaged newest checkpoint is
+skipped (with a warning) for the newest one that restores.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from legr_jax.search.evolution import EvolutionState
+from legr_jax.train import checkpoint as ckpt_lib
+from legr_jax.train import loop as loop_lib
 
 STATE_DIR = "state"
 RANKING_JSON = "ranking.json"
@@ -45,17 +49,19 @@ def save_state(manager: ocp.CheckpointManager, state: EvolutionState,
   manager.wait_until_finished()
 
 
-def restore_state(manager: ocp.CheckpointManager, like: EvolutionState):
-  """``(state, meta)`` of the latest checkpoint, or None when there is none.
-  ``like`` gives the tree structure, shapes and dtypes."""
-  step = manager.latest_step()
-  if step is None:
-    return None
+def restore_state(manager: ocp.CheckpointManager, like: EvolutionState, *,
+                  log: Callable[[str], None] = print,
+                  remove_broken: bool = True):
+  """``(state, meta)`` of the newest checkpoint that restores, or None when
+  there is none. ``like`` gives the tree structure, shapes and dtypes.
+  Damaged newer checkpoints are named in a warning and (``remove_broken``)
+  removed (`legr_jax.train.checkpoint.restore_newest`); when none restores,
+  `CheckpointError` names the newest."""
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                           like)
-  out = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-  return out["state"], out["meta"]
+  out = ckpt_lib.restore_newest(manager, abstract, log=log,
+                                remove_broken=remove_broken)
+  return None if out is None else out[1:]
 
 
 def digest(alpha, kappa) -> str:
@@ -82,10 +88,8 @@ class EvaluationLog:
     self.path = os.path.join(workdir, EVALUATIONS)
 
   def read(self) -> list[dict]:
-    if not os.path.exists(self.path):
-      return []
-    with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+    """The records; a line cut short by a killed process is skipped."""
+    return [r for r in loop_lib.read_jsonl(self.path) if "evaluation" in r]
 
   def truncate(self, count: int) -> None:
     records = [r for r in self.read() if r["evaluation"] < count]
@@ -96,6 +100,7 @@ class EvaluationLog:
     os.replace(tmp, self.path)
 
   def write(self, records: list[dict]) -> None:
+    # `truncate` (every start) rewrites the file: no torn last line here.
     with open(self.path, "a") as f:
       for r in records:
         f.write(json.dumps(r, sort_keys=True) + "\n")

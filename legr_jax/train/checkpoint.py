@@ -11,11 +11,28 @@ ignores.
 from __future__ import annotations
 
 import os
+import shutil
+from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
 
 BEST_METRIC = "val_accuracy"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not restore (damaged, or of another network)."""
+  exit_code = 2
+
+
+def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  """The folder of checkpoint ``step``."""
+  return os.path.join(str(manager.directory), str(step))
+
+
+def _reason(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _best_metric(metrics) -> float:
@@ -49,11 +66,63 @@ def save(manager: ocp.CheckpointManager, step: int, state, meta: dict,
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
   """Restores (state, meta) of ``step``; ``abstract_state`` gives the tree
-  structure, shapes, dtypes and shardings (e.g. from `jax.eval_shape`)."""
-  out = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      meta=ocp.args.JsonRestore()))
+  structure, shapes, dtypes and shardings (e.g. from `jax.eval_shape`).
+  Raises `CheckpointError` (naming the folder) when it does not restore."""
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        meta=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax/TensorStore raise many types
+    raise CheckpointError(f"checkpoint {step_dir(manager, step)} does not "
+                          f"restore ({_reason(e)})") from e
+  if not isinstance(out["meta"], dict):
+    raise CheckpointError(f"checkpoint {step_dir(manager, step)}: its meta "
+                          "item is not a JSON object")
   return out["state"], out["meta"]
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state, *,
+                   restore_fn=None, log: Callable[[str], None] = print,
+                   remove_broken: bool = True):
+  """``(step, *restored)`` of the newest checkpoint that restores, or None
+  when there is no checkpoint.
+
+  Each newer one that does not restore is named in a warning (``log``);
+  with ``remove_broken`` those are deleted once an older one restored (so
+  the run can save those steps again). When none restores, nothing is
+  deleted and `CheckpointError` names the newest (a damaged checkpoint and a
+  changed network look alike then).
+
+  Args:
+    restore_fn: ``(manager, step, abstract_state) -> tuple`` (default
+      `restore`: ``(state, meta)``).
+  """
+  restore_fn = restore_fn or restore
+  steps = sorted(manager.all_steps(), reverse=True)
+  broken = []
+  for step in steps:
+    try:
+      out = restore_fn(manager, step, abstract_state)
+    except CheckpointError as e:
+      broken.append((step, e))
+      log(f"warning: {e}; trying the previous checkpoint")
+      continue
+    if broken:
+      names = ", ".join(step_dir(manager, s) for s, _ in broken)
+      if remove_broken:
+        for s, _ in broken:
+          shutil.rmtree(step_dir(manager, s), ignore_errors=True)
+        manager.reload()
+      log(f"warning: resuming from checkpoint {step_dir(manager, step)}, the "
+          f"newest that restores; {'removed' if remove_broken else 'skipped'}"
+          f" the damaged {names}")
+    return (step, *out)
+  if broken:
+    raise CheckpointError(
+        f"no checkpoint in {manager.directory} restores (newest: "
+        f"{broken[0][1]}); if the files are damaged, delete that folder (or "
+        "rerun with --overwrite) to start over")
+  return None
 
 
 def abstract_like(tree, sharding=None):

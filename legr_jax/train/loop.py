@@ -43,10 +43,12 @@ RUN_FILES = ("config.json", "net.json", "masks.npz", "checkpoints",
 
 class TrainingDivergedError(FloatingPointError):
   """The loss (or the parameters) became NaN or infinite."""
+  exit_code = 1   # experiments' exit status
 
 
 class WorkdirConflictError(RuntimeError):
   """The workdir holds a different run."""
+  exit_code = 2
 
 
 @dataclasses.dataclass
@@ -72,9 +74,16 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+def _read_json(path: str, fix: str = "rerun into a new workdir, or with "
+               "overwrite=True (--overwrite) to start over"):
+  """The JSON document in ``path``; a damaged file is a ValueError naming it
+  and ``fix`` (what to do)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is damaged (not valid JSON: {e}): {fix}"
+                     ) from None
 
 
 def _masks_to_numpy(masks) -> dict[str, np.ndarray] | None:
@@ -119,17 +128,24 @@ def prepare_workdir(workdir: str, config: TrainConfig, net_config: dict,
   if present and "config.json" not in present:
     conflict = f"it holds {present} but no config.json"
   elif present:
-    old = TrainConfig.from_dict(_read_json(_path(workdir, "config.json")))
-    diff = differences(old, config)
-    old_net = (_read_json(_path(workdir, "net.json"))
-               if "net.json" in present else None)
-    if old_net is not None and old_net != json.loads(json.dumps(net_config)):
-      diff["network"] = ("(saved net.json)", "(this network)")
-    if not _same_masks(load_masks(workdir), masks):
-      diff["masks"] = ("(saved masks.npz)", "(these masks)")
-    if diff:
-      conflict = "it holds a different run: " + "; ".join(
-          f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    try:
+      old = TrainConfig.from_dict(_read_json(_path(workdir, "config.json")))
+      old_net = (_read_json(_path(workdir, "net.json"))
+                 if "net.json" in present else None)
+      old_masks = load_masks(workdir)
+    except (ValueError, TypeError, OSError) as e:
+      old = None
+      conflict = f"its run files are damaged ({e})"
+    if old is not None:
+      diff = differences(old, config)
+      if old_net is not None and old_net != json.loads(json.dumps(
+          net_config)):
+        diff["network"] = ("(saved net.json)", "(this network)")
+      if not _same_masks(old_masks, masks):
+        diff["masks"] = ("(saved masks.npz)", "(these masks)")
+      if diff:
+        conflict = "it holds a different run: " + "; ".join(
+            f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
   if conflict and not overwrite:
     raise WorkdirConflictError(
         f"refusing to train in {workdir}: {conflict}. Choose another workdir,"
@@ -151,28 +167,54 @@ def prepare_workdir(workdir: str, config: TrainConfig, net_config: dict,
 
 
 class MetricsLog:
-  """Appends JSON records to workdir/metrics.jsonl (flushed per record)."""
+  """Appends JSON records to workdir/metrics.jsonl (flushed per record). A
+  last line cut short by a killed process is ended first, so it stays one
+  unreadable line (skipped by `read_metrics`) instead of spoiling the next
+  record."""
 
   def __init__(self, path: str):
     self.path = path
+    if os.path.exists(path) and os.path.getsize(path):
+      with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        torn = f.read(1) != b"\n"
+      if torn:
+        with open(path, "a") as f:
+          f.write("\n")
 
   def write(self, record: dict) -> None:
     with open(self.path, "a") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """Records of metrics.jsonl; records that a resume superseded (written
-  after the checkpoint the run resumed from) are dropped."""
-  path = _path(workdir, "metrics.jsonl")
+def read_jsonl(path: str) -> list[dict]:
+  """The JSON records of a log, one per line; a line that does not parse
+  (cut short by a killed process) is skipped."""
   if not os.path.exists(path):
     return []
+  out = []
   with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict):
+        out.append(record)
+  return out
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Records of metrics.jsonl; records that a resume superseded (written
+  after the checkpoint the run resumed from) are dropped, and so are lines
+  cut short by a killed process."""
+  records = read_jsonl(_path(workdir, "metrics.jsonl"))
   out = []
   for r in records:
     if r.get("event") == "resume":
-      out = [o for o in out if o.get("step", 0) <= r["step"]]
+      out = [o for o in out if o.get("step", 0) <= r.get("step", 0)]
     out.append(r)
   return out
 
@@ -206,6 +248,26 @@ def load_dataset(config: TrainConfig, **kw) -> data_lib.Dataset:
                               val_fraction=config.val_fraction,
                               val_size=config.val_size, seed=config.split_seed,
                               test_size=config.test_size, **kw)
+
+
+def check_fit_inputs(config: TrainConfig, dataset: data_lib.Dataset,
+                     mesh=None) -> None:
+  """Raises ValueError (naming the setting) when ``config`` cannot train on
+  ``dataset``: a training split smaller than one batch, or a batch that the
+  devices do not divide. `fit` calls it before it writes anything."""
+  n = len(dataset.train)
+  if data_lib.num_batches(n, config.batch_size) == 0:
+    raise ValueError(
+        f"the training split of {dataset.name} has {n} images, fewer than one"
+        f" batch (batch_size={config.batch_size}, --batch_size): lower the "
+        "batch size, or give more training data (a smaller validation / test "
+        "split)")
+  mesh = mesh or parallel.make_mesh()
+  if config.batch_size % mesh.devices.size:
+    raise ValueError(
+        f"batch_size={config.batch_size} (--batch_size) is not divisible by "
+        f"the {mesh.devices.size} devices; give a multiple of "
+        f"{mesh.devices.size}")
 
 
 def fit(config: TrainConfig, workdir: str, *, net=None,
@@ -247,6 +309,7 @@ def fit(config: TrainConfig, workdir: str, *, net=None,
   net = net.with_ops(ops_lib.resolve(config.cpu_kernels,
                                      list(mesh.devices.flat)))
   np_masks = _masks_to_numpy(masks)
+  check_fit_inputs(config, ds, mesh)   # before anything is written
   resuming = prepare_workdir(workdir, config, net.config, np_masks,
                              overwrite=overwrite, log=log)
   if jax.process_index() == 0:
@@ -257,11 +320,7 @@ def fit(config: TrainConfig, workdir: str, *, net=None,
   manager = ckpt_lib.make_manager(_path(workdir, "checkpoints"),
                                   keep=config.keep_checkpoints)
 
-  parallel.check_batch_size(config.batch_size, mesh)
   spe = data_lib.num_batches(len(ds.train), config.batch_size)
-  if spe == 0:
-    raise ValueError(f"the training split ({len(ds.train)} examples) is "
-                     f"smaller than one batch ({config.batch_size})")
   total_steps = config.epochs * spe
   optimizer, schedule = build_optimizer(config, spe)
   rep = parallel.replicated(mesh)
@@ -270,23 +329,36 @@ def fit(config: TrainConfig, workdir: str, *, net=None,
   dev_masks = (parallel.replicate(jax.tree.map(jnp.asarray, np_masks), mesh)
                if np_masks is not None else None)
 
-  # Finished already?
+  # Finished already? (A damaged result.json is recomputed.)
   result_path = _path(workdir, "result.json")
+  result = None
   if resuming and os.path.exists(result_path):
-    result = _read_json(result_path)
+    try:
+      result = _read_json(result_path)
+    except ValueError as e:
+      log(f"warning: {e}; evaluating the final checkpoint again")
+  abstract = ckpt_lib.abstract_like(jax.eval_shape(init), rep)
+  if isinstance(result, dict):
     log(f"{workdir} holds a finished run of this config "
         f"(test accuracy {result.get('test_accuracy')}); nothing to do.")
     latest = manager.latest_step()
-    state, _ = ckpt_lib.restore(manager, latest, ckpt_lib.abstract_like(
-        jax.eval_shape(init), rep))
-    manager.close()
+    try:
+      state, _ = ckpt_lib.restore(manager, latest, abstract)
+    except ckpt_lib.CheckpointError as e:
+      raise ckpt_lib.CheckpointError(
+          f"{e}: it holds the final weights of the finished run in "
+          f"{workdir}; rerun with overwrite=True (--overwrite) to train "
+          "again") from None
+    finally:
+      manager.close()
     return FitResult(net, state.variables, result, workdir)
 
   meta0 = {"train_time_s": 0.0}
-  latest = manager.latest_step() if resuming else None
-  if latest is not None:
-    state, meta0 = ckpt_lib.restore(manager, latest, ckpt_lib.abstract_like(
-        jax.eval_shape(init), rep))
+  restored = (ckpt_lib.restore_newest(manager, abstract, log=log)
+              if resuming else None)
+  latest = None
+  if restored is not None:
+    latest, state, meta0 = restored
     if meta0.get("steps_per_epoch") != spe:
       raise WorkdirConflictError(
           f"checkpoint {latest} in {workdir} was made with "
@@ -434,12 +506,33 @@ def load_trained(workdir: str, *, which: str = "best",
       none has one) or 'latest'.
   Returns:
     (net, variables, config); the masks the run used are `load_masks(workdir)`.
+  Raises:
+    FileNotFoundError: ``workdir`` or its checkpoints are missing.
+    ValueError: config.json / net.json are damaged; `CheckpointError` (a
+      ValueError): the checkpoint does not restore. Each names the file and
+      what to do.
   """
-  config = TrainConfig.from_dict(_read_json(_path(workdir, "config.json")))
-  net = models.from_config(_read_json(_path(workdir, "net.json")))
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"{workdir} is not a folder: give the workdir of "
+                            "an experiments.train run")
+  fix = ("rerun its training (python -m experiments.train) into a new "
+         "workdir, or with --overwrite")
+  for name in ("config.json", "net.json"):
+    if not os.path.exists(_path(workdir, name)):
+      raise FileNotFoundError(f"{_path(workdir, name)} is missing: {workdir} "
+                              "is not an experiments.train workdir")
+  try:
+    config = TrainConfig.from_dict(_read_json(_path(workdir, "config.json"),
+                                              fix))
+    net = models.from_config(_read_json(_path(workdir, "net.json"), fix))
+  except (TypeError, KeyError, AttributeError) as e:
+    raise ValueError(f"{workdir}: config.json / net.json are not the files "
+                     f"experiments.train writes ({e}): {fix}") from None
   ckdir = _path(workdir, "checkpoints")
   if not os.path.isdir(ckdir):
-    raise FileNotFoundError(f"no checkpoints in {workdir}")
+    raise FileNotFoundError(f"no checkpoints in {workdir}: finish its "
+                            "training first (rerun the same experiments.train"
+                            " command to resume it)")
   manager = ckpt_lib.make_manager(ckdir, keep=config.keep_checkpoints,
                                   read_only=True)
   if which == "best":
@@ -459,7 +552,14 @@ def load_trained(workdir: str, *, which: str = "best",
   mesh = mesh or parallel.make_mesh()
   abstract = jax.eval_shape(lambda: step_lib.init_train_state(
       net, jax.random.PRNGKey(0), optimizer))
-  state, _ = ckpt_lib.restore(manager, step, ckpt_lib.abstract_like(
-      abstract, parallel.replicated(mesh)))
-  manager.close()
+  try:
+    state, _ = ckpt_lib.restore(manager, step, ckpt_lib.abstract_like(
+        abstract, parallel.replicated(mesh)))
+  except ckpt_lib.CheckpointError as e:
+    raise ckpt_lib.CheckpointError(
+        f"{e}: the {which} checkpoint of {workdir} is damaged; {fix}, or "
+        f"delete {ckpt_lib.step_dir(manager, step)} to fall back to another "
+        "checkpoint") from None
+  finally:
+    manager.close()
   return net, state.variables, config
