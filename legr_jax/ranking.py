@@ -41,7 +41,8 @@ import numpy as np
 from legr_jax import cost as cost_lib
 from legr_jax.models.spec import NetSpec
 
-__all__ = ["filter_norms", "affine_scores", "group_scores", "masks_for_budget"]
+__all__ = ["filter_norms", "affine_scores", "group_scores", "chain_scores",
+           "masks_for_budget"]
 
 # Relative slack in ``ceil(safeguard * C)``: absorbs float rounding, e.g.
 # 0.1 * 30 = 3.0000000000000004 keeps 3 channels, not 4.
@@ -170,7 +171,8 @@ def group_scores(spec: NetSpec, layer_scores: Mapping) -> dict[str, jax.Array]:
   reference's per-layer safeguard also lets stages keep different channels),
   so stage 1 sums 10 layers, stages 2 and 3 nine each. `NetSpec.chains`
   gives the cross-stage positions for the reference's sum (with
-  ``models.get(..., pad='append')``; see ``tools/legr_fidelity.py``).
+  ``models.get(..., pad='append')``; `chain_scores` aggregates over them;
+  ``tools/legr_fidelity.py`` compares with the reference).
 
   Args:
     spec: the `NetSpec` (static).
@@ -195,6 +197,41 @@ def group_scores(spec: NetSpec, layer_scores: Mapping) -> dict[str, jax.Array]:
       total = s if total is None else total + s
     out[g.name] = total
   return out
+
+
+def chain_scores(spec: NetSpec, scores: Mapping, reduce: str = "sum"
+                 ) -> dict[str, jax.Array]:
+  """Group scores aggregated over `NetSpec.chains` (the reference's chains).
+
+  Args:
+    spec: the `NetSpec`.
+    scores: ``{group: [C_g]}``, e.g. `ranking.group_scores` (each group's
+      members already summed).
+    reduce: ``'sum'``: every channel of a chain position gets the sum over
+      all member layers having that position (the reference's
+      ``one_shot_lowest_ranking_filters``); ``'mean'``: divided by their
+      number (its ``..._multi_targets``).
+  Returns:
+    ``{group: [C_g]}`` with the same keys; groups no shortcut links are
+    unchanged (``'sum'``) or divided by their member count (``'mean'``).
+  """
+  if reduce not in ("sum", "mean"):
+    raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+  out = {}
+  for ch in spec.chains():
+    total = None
+    count = np.zeros(ch.size, np.float32)
+    for g, p in zip(ch.groups, ch.positions):
+      s = jnp.asarray(scores[g])
+      if total is None:
+        total = jnp.zeros((ch.size,), s.dtype)
+      total = total.at[np.array(p)].add(s)
+      count[np.array(p)] += len(spec.group(g).members)
+    if reduce == "mean":
+      total = total / count
+    for g, p in zip(ch.groups, ch.positions):
+      out[g] = total[np.array(p)]
+  return {g: out[g] for g in spec.group_names}
 
 
 # ----------------------------------------------------------------------------

@@ -46,6 +46,8 @@ import types
 
 import numpy as np
 
+from legr_jax.ranking import chain_scores  # noqa: F401  (re-exported)
+
 # The reference's CIFAR loader: ToTensor, then ImageNet mean / std.
 _MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -58,41 +60,6 @@ _TORCH_BN = {"scale": "weight", "bias": "bias", "mean": "running_mean",
 # ----------------------------------------------------------------------------
 # The reference's cross-stage chain, on legr_jax's spec
 # ----------------------------------------------------------------------------
-
-
-def chain_scores(spec, scores, reduce: str = "sum"):
-  """Group scores aggregated over `NetSpec.chains` (the reference's chains).
-
-  Args:
-    spec: the `NetSpec`.
-    scores: ``{group: [C_g]}``, e.g. `ranking.group_scores` (each group's
-      members already summed).
-    reduce: ``'sum'``: every channel of a chain position gets the sum over
-      all member layers having that position (the reference's
-      ``one_shot_lowest_ranking_filters``); ``'mean'``: divided by their
-      number (its ``..._multi_targets``).
-  Returns:
-    ``{group: [C_g]}`` with the same keys; groups no shortcut links are
-    unchanged (``'sum'``) or divided by their member count (``'mean'``).
-  """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  if reduce not in ("sum", "mean"):
-    raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
-  out = {}
-  for ch in spec.chains():
-    total = None
-    count = np.zeros(ch.size, np.float32)
-    for g, p in zip(ch.groups, ch.positions):
-      s = jnp.asarray(scores[g])
-      if total is None:
-        total = jnp.zeros((ch.size,), s.dtype)
-      total = total.at[np.array(p)].add(s)
-      count[np.array(p)] += len(spec.group(g).members)
-    if reduce == "mean":
-      total = total / count
-    for g, p in zip(ch.groups, ch.positions):
-      out[g] = total[np.array(p)]
-  return {g: out[g] for g in spec.group_names}
 
 
 # ----------------------------------------------------------------------------
