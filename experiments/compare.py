@@ -61,6 +61,7 @@ flags.DEFINE_float("baseline_lr", 0.1, "Peak learning rate of the baseline.")
 flags.DEFINE_list("budget", ["0.5"], "Budgets: FLOPs fractions, or "
                   "flops:F / params:F.")
 flags.DEFINE_list("methods", ["all"], "Methods (legr_jax.methods.names()), "
+                  "each optionally with options, e.g. l2@aggregate=mean, "
                   "or 'all'.")
 flags.DEFINE_list("seeds", ["0"], "Seeds (methods' randomness, LeGR's search,"
                   " fine-tuning).")
@@ -108,18 +109,30 @@ common.distinct_paths(["workdir", "checkpoint"])
 
 def _parse_flags(methods):
   """Checks what needs the method registry (after JAX) and returns
-  (budgets, method names, seeds)."""
+  (budgets, method specs (label, name, options), seeds)."""
   budgets = sorted({methods.Budget.parse(b) for b in FLAGS.budget},
                    key=lambda b: (b.metric, b.fraction))
-  names = list(FLAGS.methods)
-  if names == ["all"]:
-    names = list(methods.names())
-  unknown = [n for n in names if n not in methods.names()]
-  if unknown or not names:
+  texts = list(FLAGS.methods)
+  if texts == ["all"]:
+    texts = list(methods.names())
+  try:
+    specs = [methods.parse_spec(t) for t in texts]
+  except ValueError as e:
+    raise app.UsageError(f"--methods: {e}") from None
+  unknown = [n for _, n, _ in specs if n not in methods.names()]
+  if unknown or not specs:
     raise app.UsageError(f"--methods: unknown {unknown}; known: "
-                         f"{', '.join(methods.names())} or all")
+                         f"{', '.join(methods.names())} or all (options: "
+                         "NAME@key=value+key=value)")
+  if len({label for label, _, _ in specs}) != len(specs):
+    raise app.UsageError(f"--methods: {texts} names a method twice")
+  for label, name, options in specs:
+    try:
+      methods.get(name, **options)
+    except (ValueError, TypeError) as e:
+      raise app.UsageError(f"--methods={label}: {e}") from None
   seeds = [int(s) for s in FLAGS.seeds]
-  if "legr" in names and not FLAGS.legr_ranking:
+  if any(n == "legr" for _, n, _ in specs) and not FLAGS.legr_ranking:
     target = min((b.fraction for b in budgets if b.metric == "flops"),
                  default=0.5)
     if target >= 1:
@@ -127,7 +140,7 @@ def _parse_flags(methods):
           "--budget: LeGR's search learns at the lowest FLOPs budget, which "
           "must be below 1 (at 1 nothing is pruned); add one, or pass "
           "--legr_ranking")
-  return budgets, names, seeds
+  return budgets, specs, seeds
 
 
 def _check_inputs() -> dict | None:
@@ -332,22 +345,22 @@ def _check_budgets_and_data(net_config, budgets, names, seeds, methods,
   for seed in seeds:
     ft = common.finetune_config(config, "auto", seed=seed)
     common.check_train_runs(
-        [os.path.join(FLAGS.workdir, f"seed_{seed}", name,
-                      family.member_name(b)) for name in names
+        [os.path.join(FLAGS.workdir, f"seed_{seed}", label,
+                      family.member_name(b)) for label, _, _ in names
          for b in budgets], ft, fix)
   common.check_budgets_reachable(net.spec, budgets, FLAGS.safeguard,
                                  "--budget")
   if FLAGS.legr_ranking:
     legr_lib.load_affine(FLAGS.legr_ranking, net.spec.layer_names)
-  for name in names:
-    method = methods.get(name, safeguard=FLAGS.safeguard)
+  for label, name, options in names:
+    method = methods.get(name, **{"safeguard": FLAGS.safeguard, **options})
     if method.learns:
       continue   # a global ranking: the safeguard floor above is exact
     for b in budgets:
       try:
         method.prune(net, variables, b)
       except methods.InfeasibleBudgetError as e:
-        raise common.UserError(f"--budget: {b}: {name}: {e}") from None
+        raise common.UserError(f"--budget: {b}: {label}: {e}") from None
   return loaded
 
 
@@ -356,7 +369,8 @@ def _compare(budgets, names, seeds, cpu_kernels, loaded, methods, family,
   """Everything after the checks (the workdir is locked)."""
   os.makedirs(FLAGS.workdir, exist_ok=True)
   provenance.record_session(FLAGS.workdir, {"job": "compare",
-                                            "methods": names})
+                                            "methods": [l for l, _, _ in
+                                                        names]})
   net, variables, base_config, base_wd = _baseline(cpu_kernels, train,
                                                    loaded)
   net = net.with_ops(ops.resolve(cpu_kernels))
@@ -378,7 +392,7 @@ def _compare(budgets, names, seeds, cpu_kernels, loaded, methods, family,
   for seed in seeds:
     sdir = os.path.join(FLAGS.workdir, f"seed_{seed}")
     finetune = common.finetune_config(base_config, cpu_kernels, seed=seed)
-    for name in names:
+    for label, name, options in names:
       kw = {"safeguard": FLAGS.safeguard, "seed": seed}
       if name == "legr":
         kw.update(evaluations=FLAGS.legr_evaluations,
@@ -386,14 +400,14 @@ def _compare(budgets, names, seeds, cpu_kernels, loaded, methods, family,
                   tau_hat=FLAGS.legr_tau_hat,
                   val_examples=FLAGS.legr_val_examples,
                   cpu_kernels=cpu_kernels)
-      method = methods.get(name, **kw)
+      method = methods.get(name, **{**kw, **options})
       artifact, learn_s = None, 0.0
       if method.learns:
-        if FLAGS.legr_ranking and name == "legr":
+        if FLAGS.legr_ranking and label == "legr":
           artifact = FLAGS.legr_ranking
         else:
           target = lowest_flops or methods.Budget("flops", 0.5)
-          wd = os.path.join(sdir, f"{name}_search")
+          wd = os.path.join(sdir, f"{label}_search")
           t0 = time.perf_counter()
           artifact = method.learn(net, variables, ds, wd, budget=target,
                                   record={"baseline": os.path.abspath(
@@ -408,13 +422,13 @@ def _compare(budgets, names, seeds, cpu_kernels, loaded, methods, family,
       try:
         out = family.prune_family(
             net, variables, ds, method, budgets,
-            workdir=os.path.join(sdir, name), finetune=finetune,
+            workdir=os.path.join(sdir, label), finetune=finetune,
             artifact=artifact, latency_batch=FLAGS.latency_batch,
             progress=FLAGS.progress, log=common.log)
       except methods.InfeasibleBudgetError as e:
-        raise common.UserError(f"{name}: {e}") from None
+        raise common.UserError(f"{label}: {e}") from None
       for r in out:
-        r = dict(r, seed=seed, learn_seconds=learn_s)
+        r = dict(r, method=label, seed=seed, learn_seconds=learn_s)
         r["method_seconds"] = r["method_seconds"] + learn_s
         rows.append(r)
   header = [

@@ -6,7 +6,9 @@ TFDS or orbax. The other submodules are attributes of the package too, but
 are imported on first access (PEP 562):
 
   surgery     slice_network: masked network -> smaller dense network
-  pareto      Pareto front + orbax storage of sliced networks
+  pareto      Pareto front + orbax storage of sliced networks, `pick`,
+              `plot`
+  export      a member as a jax.export (StableHLO) inference function
   data        data sets by name, seeded splits, augmentation, batches
   train       optax SGD, masked sharded train/eval steps, `fit`
   search      LeGR's regularized evolution over (alpha, kappa)
@@ -31,12 +33,14 @@ __all__ = ["affine_scores", "cost", "filter_norms", "group_scores",
            "masks_for_budget", "models", "ranking"]
 
 # Imported on first attribute access (heavier, or optional dependencies).
-_LAZY_SUBMODULES = ("cpu", "data", "family", "latency", "methods", "ops",
-                    "pareto", "provenance", "search", "surgery", "train")
+_LAZY_SUBMODULES = ("cpu", "data", "export", "family", "latency", "methods",
+                    "ops", "pareto", "provenance", "search", "surgery",
+                    "train")
 
 if _typing.TYPE_CHECKING:  # static analysers and IDEs see them eagerly
-  from legr_jax import (cpu, data, family, latency, methods,  # noqa: F401
-                        ops, pareto, provenance, search, surgery, train)
+  from legr_jax import (cpu, data, export, family, latency,  # noqa: F401
+                        methods, ops, pareto, provenance, search, surgery,
+                        train)
 
 
 def __getattr__(name: str):

@@ -13,7 +13,8 @@ Workdir layout::
                        workdir), named after the budget (flops_0.47, ...)
   <member>/member.json its figures (reused when rerun with the same inputs)
   <member>/final/      its sliced variables when not fine-tuned (orbax)
-  pareto/              the Pareto set (orbax + pareto.json)
+  pareto/              the Pareto set (orbax + pareto.json; pareto.png:
+                       accuracy against MACs and latency, front marked)
   summary.json         every member's figures
 
 Accuracies: ``val_*`` on the validation split (what methods may look at),
@@ -210,6 +211,12 @@ def prune_family(net, variables, dataset, method: Method,
         f"{r['val_accuracy']:.4f}")
   index = pareto.save(os.path.join(workdir, "pareto"), members,
                       overwrite=True)
+  try:
+    pareto.plot(os.path.join(workdir, "pareto"),
+                os.path.join(workdir, "pareto", pareto.PLOT),
+                title=f"{method.name}: {net.name}")
+  except Exception as e:  # pylint: disable=broad-except
+    log(f"warning: could not draw {pareto.PLOT}: {e}")
   rows = [dict(m.metrics, name=m.name, pareto_optimal=e["pareto_optimal"])
           for m, e in zip(members, index["members"])]
   _json(os.path.join(workdir, SUMMARY), {

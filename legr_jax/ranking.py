@@ -153,8 +153,14 @@ def affine_scores(norms: Mapping, alpha: Mapping, kappa: Mapping
   return out
 
 
-def group_scores(spec: NetSpec, layer_scores: Mapping) -> dict[str, jax.Array]:
-  """One score per channel of every group: the sum of its layers' scores.
+AGGREGATES = ("sum", "mean", "max")
+
+
+def group_scores(spec: NetSpec, layer_scores: Mapping,
+                 reduce: str = "sum") -> dict[str, jax.Array]:
+  """One score per channel of every group: by default the sum of its layers'
+  scores (``reduce='mean'`` / ``'max'``: their mean / max over the member
+  layers having the channel).
 
   Layers coupled by a residual sum (or an expansion conv and its depthwise
   conv) share a mask; a shared channel's score here is the sum of the group's
@@ -178,23 +184,39 @@ def group_scores(spec: NetSpec, layer_scores: Mapping) -> dict[str, jax.Array]:
     spec: the `NetSpec` (static).
     layer_scores: ``{layer: [C_l] array}`` for every layer of
       ``spec.layer_names``.
+    reduce: 'sum' (LeGR's), 'mean' or 'max' (static). With 'sum' a chain of
+      many layers outranks a single layer of similar filters, so greedy
+      pruning keeps residual streams whole and cuts block-internal convs
+      first; 'mean' / 'max' compare a chain's channel with a layer's filter
+      on one scale.
 
   Returns:
     ``{group: [C_g] array}`` in ``spec.groups`` order.
   """
   _check_keys(layer_scores, spec.layer_names, "layer_scores")
+  if reduce not in AGGREGATES:
+    raise ValueError(f"reduce must be one of {AGGREGATES}, got {reduce!r}")
   out = {}
   for g in spec.groups:
-    total = None
+    total, count = None, np.zeros(g.size, np.float32)
     for m in g.members:
       s = jnp.asarray(layer_scores[m])
       chex.assert_rank(s, 1, custom_message=f"layer_scores[{m!r}]")
       if s.shape[0] > g.size:
         raise ValueError(f"layer_scores[{m!r}] has {s.shape[0]} entries, but "
                          f"its group {g.name!r} has {g.size} channels")
+      count[:s.shape[0]] += 1
       if s.shape[0] < g.size:
-        s = jnp.pad(s, (0, g.size - s.shape[0]))
-      total = s if total is None else total + s
+        fill = -jnp.inf if reduce == "max" else 0.0
+        s = jnp.pad(s, (0, g.size - s.shape[0]), constant_values=fill)
+      if total is None:
+        total = s
+      elif reduce == "max":
+        total = jnp.maximum(total, s)
+      else:
+        total = total + s
+    if reduce == "mean":
+      total = total / np.maximum(count, 1)
     out[g.name] = total
   return out
 

@@ -17,6 +17,22 @@ from legr_jax.methods import budget as B
 DATA_FREE = ("l1", "l2", "random", "uniform", "fpgm", "clr_rnf")
 
 
+def _numpy_variables(net, seed):
+  """Random variables of ``net``'s shapes drawn in numpy (kernels
+  N(0, 1/fan_in), other leaves in [0.5, 1.5]): compiling ``net.init`` costs
+  seconds per model, and the methods read only values."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    if jax.tree_util.keystr(path).endswith("['kernel']"):
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(
+          leaf.dtype)
+    return rng.uniform(0.5, 1.5, leaf.shape).astype(leaf.dtype)
+  shapes = jax.eval_shape(net.init, jax.random.key(0))
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 @pytest.fixture(scope="module")
 def nets():
   cache = {}
@@ -24,7 +40,9 @@ def nets():
   def get(name):
     if name not in cache:
       net = build(name)
-      cache[name] = (net, perturbed_variables(net, 0))
+      cache[name] = (net, (perturbed_variables(net, 0) if name in
+                           ("cnn_small", "resnet20") else
+                           _numpy_variables(net, 0)))
     return cache[name]
   return get
 
@@ -224,3 +242,36 @@ def test_solve_counts_against_exhaustive_search(nets):
     assert B.cost_of_counts(spec, counts, "flops") <= limit
     # at least as good as any knob value, and at most one fill step beyond
     assert np.all(counts >= best) and np.all(counts - best <= 1)
+
+
+def test_aggregate_options_change_coupled_scores(nets):
+  """sum / mean / max over a residual chain's members, against numpy."""
+  net, variables = nets("resnet20")
+  spec = net.spec
+  norms = {k: np.asarray(v) for k, v in
+           ranking.filter_norms(spec, variables["params"]).items()}
+  chain = max(spec.groups, key=lambda g: len(g.members))
+  stack = np.stack([np.pad(norms[m], (0, chain.size - len(norms[m])),
+                           constant_values=np.nan) for m in chain.members])
+  expect = {"sum": np.nansum(stack, 0), "mean": np.nanmean(stack, 0),
+            "max": np.nanmax(stack, 0)}
+  for reduce, want in expect.items():
+    got = ranking.group_scores(spec, norms, reduce)[chain.name]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  budget = methods.Budget("flops", 0.47)
+  a = methods.get("l2").prune(net, variables, budget).masks
+  b = methods.get("l2", aggregate="mean").prune(net, variables, budget).masks
+  assert any(not np.array_equal(a[g], b[g]) for g in a)
+  _check_within_one_channel(spec, b, budget)
+  with pytest.raises(ValueError, match="aggregate"):
+    methods.get("l2", aggregate="avg")
+
+
+def test_parse_spec():
+  assert methods.parse_spec("l2") == ("l2", "l2", {})
+  assert methods.parse_spec("legr@aggregate=mean+tau_hat=200") == (
+      "legr@aggregate=mean+tau_hat=200", "legr",
+      {"aggregate": "mean", "tau_hat": 200})
+  for bad in ("@x=1", "l2@x", "a/b"):
+    with pytest.raises(ValueError):
+      methods.parse_spec(bad)

@@ -16,11 +16,11 @@ a FLOPs or params `Budget` within one channel, never above it
 from legr_jax.methods import budget
 from legr_jax.methods.base import (GlobalRanking, LayerwiseCounts, Method,
                                    Pruned, get, group_filters, names,
-                                   register)
+                                   parse_spec, register)
 from legr_jax.methods.budget import Budget, InfeasibleBudgetError
 # Registration happens on import of each method module.
 from legr_jax.methods import clr_rnf, legr, norms, uniform  # noqa: F401
 
 __all__ = ["Budget", "GlobalRanking", "InfeasibleBudgetError",
            "LayerwiseCounts", "Method", "Pruned", "budget", "get",
-           "group_filters", "names", "register"]
+           "group_filters", "names", "parse_spec", "register"]

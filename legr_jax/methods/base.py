@@ -24,6 +24,7 @@ Registry: `register` (a class, usable as a decorator), `get(name, **config)`,
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -65,6 +66,10 @@ class Method:
     if not 0.0 <= float(self.safeguard) <= 1.0:
       raise ValueError(f"{self.name}: safeguard must be in [0, 1], got "
                        f"{self.safeguard}")
+    aggregate = getattr(self, "aggregate", "sum")
+    if aggregate not in ("sum", "mean", "max"):
+      raise ValueError(f"{self.name}: aggregate must be 'sum', 'mean' or "
+                       f"'max' (ranking.group_scores), got {aggregate!r}")
 
   def config(self) -> dict:
     """The configuration as JSON-able data (with the name)."""
@@ -180,6 +185,28 @@ def get(name: str, **config) -> Method:
     raise ValueError(f"method {name!r} has no option(s) {unknown}; its "
                      f"options: {sorted(fields)}")
   return cls(**config)
+
+
+def parse_spec(text: str) -> tuple[str, str, dict]:
+  """``'l2'`` or ``'l2@aggregate=mean+safeguard=0.2'`` -> ``(label, name,
+  options)``; values are read as JSON where they parse (numbers, true,
+  null), else kept as strings. The label is the text itself (path-safe)."""
+  text = str(text).strip()
+  name, _, rest = text.partition("@")
+  options = {}
+  for item in filter(None, rest.split("+")):
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+      raise ValueError(f"method spec {text!r}: options are key=value joined "
+                       "by '+', e.g. l2@aggregate=mean")
+    try:
+      options[key] = json.loads(value)
+    except ValueError:
+      options[key] = value
+  if not name or "/" in text:
+    raise ValueError(f"method spec {text!r}: expected NAME or "
+                     "NAME@key=value+key=value")
+  return text, name, options
 
 
 def group_filters(spec: NetSpec, params, group: str) -> np.ndarray:

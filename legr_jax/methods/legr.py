@@ -23,6 +23,17 @@ from legr_jax.methods.base import GlobalRanking, register
 from legr_jax.methods.budget import Budget
 
 RANKING_JSON = "ranking.json"
+FORMAT_VERSION = 1   # of ranking.json; files without one are version 1
+
+
+def check_format_version(data: dict, path: str) -> None:
+  """ValueError naming ``path`` and both versions unless ranking.json's
+  ``format_version`` (absent: 1) is `FORMAT_VERSION`."""
+  version = data.get("format_version", 1)
+  if version != FORMAT_VERSION:
+    raise ValueError(f"{path} has format_version {version!r}; this legr_jax "
+                     f"reads format_version {FORMAT_VERSION}: use the "
+                     "legr_jax that wrote it, or learn the ranking again")
 
 
 def load_affine(path: str, layer_names) -> tuple[dict, dict]:
@@ -45,6 +56,7 @@ def load_affine(path: str, layer_names) -> tuple[dict, dict]:
   except (json.JSONDecodeError, AttributeError, TypeError) as e:
     raise ValueError(f"{path} is not a LeGR ranking ({e}); rerun "
                      "experiments.learn_ranking into a new workdir") from None
+  check_format_version(data, path)
   if missing:
     raise ValueError(f"{path} lacks layers {sorted(missing)[:5]}: it was "
                      "learned for a different network")
@@ -70,6 +82,7 @@ class LeGR(GlobalRanking):
   learns = True
   artifact_file = RANKING_JSON
 
+  aggregate: str = "sum"   # coupled channels (ranking.group_scores)
   tau_hat: int = 0
   evaluations: int = 400
   population: int = 64
@@ -92,7 +105,8 @@ class LeGR(GlobalRanking):
     record = dict(record or {})
     return search.SearchConfig(
         net_config=net.config, flops=budget.fraction,
-        safeguard=self.safeguard, tau_hat=self.tau_hat, lr=self.lr,
+        safeguard=self.safeguard, aggregate=self.aggregate,
+        tau_hat=self.tau_hat, lr=self.lr,
         batch_size=self.batch_size, val_examples=self.val_examples,
         population=self.population, sample=self.sample,
         evaluations=self.evaluations, mutate_fraction=self.mutate_fraction,
@@ -112,4 +126,5 @@ class LeGR(GlobalRanking):
     alpha, kappa = load_affine(artifact, spec.layer_names)
     norms = ranking.filter_norms(spec, params)
     return {k: np.asarray(v) for k, v in ranking.group_scores(
-        spec, ranking.affine_scores(norms, alpha, kappa)).items()}
+        spec, ranking.affine_scores(norms, alpha, kappa),
+        self.aggregate).items()}

@@ -4,7 +4,7 @@ ranking, the floor any method must clear).
 
 Coupled channels (a residual chain, an expansion conv and its depthwise
 conv) score the sum of their member layers' norms, as LeGR does
-(`ranking.group_scores`).
+(`ranking.group_scores`); option ``aggregate='mean'`` or ``'max'``.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ class L2(GlobalRanking):
   """Global ranking by squared L2 filter norm (LeGR's ``l2_weight``)."""
   name = "l2"
   ord = 2
+  aggregate: str = "sum"   # coupled channels: 'sum' (LeGR's), 'mean', 'max'
 
   def scores(self, spec, params, artifact):
     del artifact
     norms = ranking.filter_norms(spec, params, ord=self.ord)
     return {k: np.asarray(v) for k, v in
-            ranking.group_scores(spec, norms).items()}
+            ranking.group_scores(spec, norms, self.aggregate).items()}
 
 
 @register

@@ -75,7 +75,9 @@ class SearchConfig:
   Baseline: ``baseline`` (the `experiments.train` workdir it came from, for
   the record) and ``net_config``. Data: ``dataset``, validation carved with
   ``val_size``/``val_fraction`` and ``split_seed`` (default: the baseline's
-  own split, so the search never validates on training images). Fitness and
+  own split, so the search never validates on training images).
+  ``aggregate``: how coupled channels' scores combine (`ranking.group_scores`:
+  'sum', LeGR's, 'mean' or 'max'). Fitness and
   evolution: see `fitness.FitnessConfig`, `evolution.EvolutionConfig`;
   ``candidates_per_round`` is K of the batched variant (1: sequential).
   Compute (operational): ``backend``, ``bucket``, ``workers`` (see
@@ -92,6 +94,7 @@ class SearchConfig:
   split_seed: int = 0
   flops: float = 0.47
   safeguard: float = 0.1
+  aggregate: str = "sum"
   tau_hat: int = 0
   lr: float = 0.01
   momentum: float = 0.9
@@ -121,6 +124,9 @@ class SearchConfig:
     if not 0.0 <= float(self.safeguard) <= 1.0:
       raise ValueError(f"safeguard (--safeguard) must be in [0, 1], got "
                        f"{self.safeguard!r}")
+    if self.aggregate not in ("sum", "mean", "max"):
+      raise ValueError(f"aggregate must be 'sum', 'mean' or 'max' "
+                       f"(ranking.group_scores), got {self.aggregate!r}")
     if self.candidates_per_round < 1:
       raise ValueError("candidates_per_round must be >= 1")
     if self.backend not in fitness.BACKENDS:
@@ -135,7 +141,8 @@ class SearchConfig:
 
   def fitness_config(self) -> fitness.FitnessConfig:
     return fitness.FitnessConfig(
-        flops=self.flops, safeguard=self.safeguard, tau_hat=self.tau_hat,
+        flops=self.flops, safeguard=self.safeguard, aggregate=self.aggregate,
+        tau_hat=self.tau_hat,
         lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
         batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
         val_examples=self.val_examples, data_seed=self.seed)

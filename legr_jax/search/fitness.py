@@ -92,6 +92,7 @@ class FitnessConfig:
   eval_batch_size: int = 128   # validation batch (the loss does not depend on it)
   val_examples: int | None = None  # first n of the validation split (None: all)
   data_seed: int = 0           # order and augmentation of the training batches
+  aggregate: str = "sum"       # coupled channels' score (ranking.group_scores)
 
 
 @dataclasses.dataclass
@@ -161,7 +162,8 @@ def candidate_masks(spec, norms, alpha, kappa, config: FitnessConfig):
   layers = spec.layer_names
   chex.assert_shape([alpha, kappa], (len(layers),))
   scores = ranking.group_scores(spec, ranking.affine_scores(
-      norms, dict(zip(layers, alpha)), dict(zip(layers, kappa))))
+      norms, dict(zip(layers, alpha)), dict(zip(layers, kappa))),
+                                reduce=config.aggregate)
   masks, feasible = ranking.masks_for_budget(
       spec, scores, flops=config.flops, safeguard=config.safeguard)
   frac = cost_lib.flops(spec, masks) / cost_lib.unpruned(spec)

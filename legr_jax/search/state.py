@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from legr_jax.methods.legr import FORMAT_VERSION, check_format_version
 from legr_jax.search.evolution import EvolutionState
 from legr_jax.train import checkpoint as ckpt_lib
 from legr_jax.train import loop as loop_lib
@@ -127,13 +128,15 @@ def evaluation_records(index, alpha, kappa, result: dict, *, population: int,
 
 
 def save_ranking(workdir: str, layer_names, alpha, kappa, info: dict) -> None:
-  """Writes ``ranking.json`` ({'layers': {name: {'alpha', 'kappa'}}, **info})
-  and the same arrays with orbax in ``<workdir>/ranking``."""
+  """Writes ``ranking.json`` ({'layers': {name: {'alpha', 'kappa'}}, **info,
+  'format_version'}) and the same arrays with orbax in
+  ``<workdir>/ranking``."""
   alpha = np.asarray(alpha, np.float32)
   kappa = np.asarray(kappa, np.float32)
   layers = {name: {"alpha": float(a), "kappa": float(k)}
             for name, a, k in zip(layer_names, alpha, kappa)}
-  doc = {"layers": layers, "layer_order": list(layer_names), **info}
+  doc = {"layers": layers, "layer_order": list(layer_names), **info,
+         "format_version": FORMAT_VERSION}
   if jax.process_index() == 0:   # orbax below is written by every process
     path = os.path.join(workdir, RANKING_JSON)
     with open(path + ".tmp", "w") as f:
@@ -148,9 +151,12 @@ def save_ranking(workdir: str, layer_names, alpha, kappa, info: dict) -> None:
 
 
 def load_ranking(workdir: str) -> dict:
-  """``{layer: (alpha, kappa)}`` from ``ranking.json``."""
-  with open(os.path.join(workdir, RANKING_JSON)) as f:
+  """``{layer: (alpha, kappa)}`` from ``ranking.json`` (ValueError for
+  another format_version)."""
+  path = os.path.join(workdir, RANKING_JSON)
+  with open(path) as f:
     doc = json.load(f)
+  check_format_version(doc, path)
   return {name: (v["alpha"], v["kappa"]) for name, v in doc["layers"].items()}
 
 
