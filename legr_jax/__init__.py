@@ -24,12 +24,13 @@ import importlib as _importlib
 import typing as _typing
 
 from legr_jax import cost, models, ranking
-from legr_jax.ranking import (affine_scores, filter_norms, group_scores,
-                              masks_for_budget)
+from legr_jax.ranking import (affine_scores, chain_scores, filter_norms,
+                              group_scores, masks_for_budget)
 
 __version__ = "0.1.0"
 
-__all__ = ["affine_scores", "cost", "filter_norms", "group_scores",
+__all__ = ["affine_scores", "chain_scores", "cost", "filter_norms",
+           "group_scores",
            "masks_for_budget", "models", "ranking"]
 
 # Imported on first attribute access (heavier, or optional dependencies).

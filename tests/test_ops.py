@@ -90,7 +90,14 @@ def _max_rel_err(a, b):
              for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("model_name", ALL_MODELS)
+# resnet32/56/110 are resnet20's blocks at other depths (the same convs,
+# shapes and BatchNorms): leaving them out keeps CI's time; every block type
+# (basic, bottleneck, VGG, inverted residual + depthwise) is covered.
+_OPS_MODELS = tuple(m for m in ALL_MODELS
+                    if m not in ("resnet32", "resnet56", "resnet110"))
+
+
+@pytest.mark.parametrize("model_name", _OPS_MODELS)
 def test_cpu_ops_give_xla_results(model_name):
   """Sliced (narrow convs: packing and kernels engage) network: eval logits,
   gradients and training-mode batch statistics, CPU ops vs XLA ops; and
