@@ -48,6 +48,26 @@ def perturbed_variables(net, seed):
   return jax.tree_util.tree_unflatten(tree, out)
 
 
+def numpy_variables(net, seed):
+  """Random variables of ``net`` drawn in numpy (shapes from eval_shape):
+  He-scaled kernels, non-trivial BN (like conftest's perturbed_variables)
+  without compiling an init."""
+  rng = np.random.default_rng(seed)
+
+  def one(path, s):
+    key = jax.tree_util.keystr(path)
+    if "kernel" in key:
+      std = np.sqrt(2.0 / max(1, int(np.prod(s.shape[:-1]))))
+      return (rng.normal(size=s.shape) * std).astype(np.float32)
+    if "var" in key:
+      return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
+    if "scale" in key:
+      return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+    return rng.normal(0, 0.1, s.shape).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(
+      one, jax.eval_shape(net.init, jax.random.key(0)))
+
+
 @pytest.fixture(params=ALL_MODELS)
 def model_name(request):
   return request.param

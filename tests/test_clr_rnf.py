@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import build
+from conftest import build, numpy_variables
 from legr_jax import methods
 from legr_jax.methods import budget as budget_lib
 from legr_jax.methods import clr_rnf
@@ -116,27 +116,6 @@ def ref_filters(spec, params, group):
   return np.concatenate(parts, axis=1)
 
 
-def random_variables(net, seed):
-  """Random variables of ``net``'s structure (no init compile): He-scaled
-  kernels, non-trivial BatchNorm."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    key = jax.tree_util.keystr(path)
-    shape = leaf.shape
-    if "kernel" in key:
-      x = rng.normal(0, np.sqrt(2.0 / np.prod(shape[:-1])), shape)
-    elif "scale" in key:
-      x = rng.uniform(0.5, 1.5, shape)
-    elif "var" in key:
-      x = rng.uniform(0.5, 2.0, shape)
-    else:
-      x = rng.normal(0, 0.1, shape)
-    return jax.numpy.asarray(x, leaf.dtype)
-  shapes = jax.eval_shape(net.init, jax.random.key(0))
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def quantized(variables, step=1 / 16):
   """Kernels rounded to multiples of ``step``: exact ties everywhere."""
   def q(path, x):
@@ -203,7 +182,7 @@ def test_squared_distances_exact_for_identical_rows():
 @pytest.mark.parametrize("quant", [False, True])
 def test_counts_match_reference(model_name, variant, quant):
   net = build(model_name)
-  variables = random_variables(net, 3)
+  variables = numpy_variables(net, 3)
   if quant:
     variables = quantized(variables)
   params = variables["params"]
@@ -244,7 +223,7 @@ def test_relative_flops_formula():
 @pytest.mark.parametrize("budget", ["flops:0.5", "params:0.6"])
 def test_pipeline_matches_reference(model_name, variant, budget):
   net = build(model_name)
-  variables = quantized(random_variables(net, 5), step=1 / 64)
+  variables = quantized(numpy_variables(net, 5), step=1 / 64)
   params = variables["params"]
   method = methods.get("clr_rnf", variant=variant)
   pruned = method.prune(net, variables, budget)
@@ -269,7 +248,7 @@ def test_pipeline_matches_reference(model_name, variant, budget):
 @pytest.mark.parametrize("metric", ["flops", "params"])
 def test_meets_budget_within_one_channel(model_name, metric):
   net = build(model_name)
-  variables = random_variables(net, 0)
+  variables = numpy_variables(net, 0)
   spec = net.spec
   for fraction in (0.3, 0.6):
     budget = methods.Budget(metric, fraction)
@@ -288,7 +267,7 @@ def test_meets_budget_within_one_channel(model_name, metric):
                                      dict(flops_rule="conv", lam=2.0)])
 def test_options_meet_budget(model_name, options):
   net = build(model_name)
-  variables = random_variables(net, 0)
+  variables = numpy_variables(net, 0)
   budget = methods.Budget("flops", 0.5)
   pruned = methods.get("clr_rnf", **options).prune(net, variables, budget)
   counts = budget_lib.counts_of(net.spec, pruned.masks)
@@ -303,7 +282,7 @@ def test_options_meet_budget(model_name, options):
 
 def test_deterministic():
   net = build("resnet20")
-  variables = random_variables(net, 2)
+  variables = numpy_variables(net, 2)
   for variant in clr_rnf.VARIANTS:
     method = methods.get("clr_rnf", variant=variant)
     a = method.prune(net, variables, "flops:0.4")
@@ -319,7 +298,7 @@ def test_deterministic():
 def test_faithful_variant():
   net = build("resnet20")
   spec = net.spec
-  variables = random_variables(net, 4)
+  variables = numpy_variables(net, 4)
   pruned = methods.get("clr_rnf", variant="faithful").prune(
       net, variables, "flops:0.6")
   ranked = clr_rnf.ranked_groups(spec, "faithful")
@@ -372,7 +351,7 @@ def test_faithful_rule_on_other_models():
 
 def test_infeasible_budget():
   net = build("resnet20")
-  variables = random_variables(net, 0)
+  variables = numpy_variables(net, 0)
   with pytest.raises(methods.InfeasibleBudgetError,
                      match=r"clr_rnf.*faithful.*full width.*budget"):
     methods.get("clr_rnf", variant="faithful").prune(net, variables,
@@ -397,7 +376,7 @@ def test_options_and_lambda():
     with pytest.raises(ValueError, match="clr_rnf"):
       methods.get("clr_rnf", **bad)
   spec = build("cnn_small").spec
-  params = random_variables(build("cnn_small"), 0)["params"]
+  params = numpy_variables(build("cnn_small"), 0)["params"]
   with pytest.raises(ValueError, match="lam=None"):
     methods.get("clr_rnf").counts_fn(spec, params)
   assert methods.get("clr_rnf", lam=3).config()["lam"] == 3

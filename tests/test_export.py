@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax import export as jax_export
 
-from conftest import build, random_masks
+from conftest import build, numpy_variables, random_masks
 from legr_jax import export, models, pareto, surgery
 
 # Run in the subprocess: the folder's own loader, then the by-hand recipe of
@@ -41,26 +41,6 @@ CHILD = textwrap.dedent("""
     np.savez(outputs, **out)
     print("platforms", exp.platforms)
 """)
-
-
-def numpy_variables(net, seed):
-  """Random variables of ``net`` drawn in numpy (shapes from eval_shape):
-  He-scaled kernels, non-trivial BN (like conftest's perturbed_variables)
-  without compiling an init."""
-  rng = np.random.default_rng(seed)
-
-  def one(path, s):
-    key = jax.tree_util.keystr(path)
-    if "kernel" in key:
-      std = np.sqrt(2.0 / max(1, int(np.prod(s.shape[:-1]))))
-      return (rng.normal(size=s.shape) * std).astype(np.float32)
-    if "var" in key:
-      return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
-    if "scale" in key:
-      return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-    return rng.normal(0, 0.1, s.shape).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(
-      one, jax.eval_shape(net.init, jax.random.key(0)))
 
 
 def _member():

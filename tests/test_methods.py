@@ -9,28 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ALL_MODELS, build, perturbed_variables
+from conftest import ALL_MODELS, build, numpy_variables, perturbed_variables
 from legr_jax import methods, ranking
 from legr_jax.methods import budget as B
 
 # Methods that need no learned artifact; legr is tested with a ranking file.
 DATA_FREE = ("l1", "l2", "random", "uniform", "fpgm", "clr_rnf")
-
-
-def _numpy_variables(net, seed):
-  """Random variables of ``net``'s shapes drawn in numpy (kernels
-  N(0, 1/fan_in), other leaves in [0.5, 1.5]): compiling ``net.init`` costs
-  seconds per model, and the methods read only values."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    if jax.tree_util.keystr(path).endswith("['kernel']"):
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(
-          leaf.dtype)
-    return rng.uniform(0.5, 1.5, leaf.shape).astype(leaf.dtype)
-  shapes = jax.eval_shape(net.init, jax.random.key(0))
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +26,7 @@ def nets():
       net = build(name)
       cache[name] = (net, (perturbed_variables(net, 0) if name in
                            ("cnn_small", "resnet20") else
-                           _numpy_variables(net, 0)))
+                           numpy_variables(net, 0)))
     return cache[name]
   return get
 

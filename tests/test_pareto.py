@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import build, perturbed_variables, random_masks
+from conftest import build, numpy_variables, perturbed_variables, random_masks
 from legr_jax import data, family, methods, models, pareto, surgery
 
 
@@ -71,26 +71,6 @@ FIGURES = {"a": (0.3, 0.35, 1.0, 0.80, 0.99),
            "b": (0.5, 0.55, 2.0, 0.85, 0.70),
            "c": (0.8, 0.75, 3.0, 0.84, 0.98),
            "d": (0.9, 0.95, 4.0, 0.90, 0.60)}
-
-
-def numpy_variables(net, seed):
-  """Random variables of ``net`` drawn in numpy (shapes from eval_shape):
-  He-scaled kernels, non-trivial BN (like conftest's perturbed_variables)
-  without compiling an init."""
-  rng = np.random.default_rng(seed)
-
-  def one(path, s):
-    key = jax.tree_util.keystr(path)
-    if "kernel" in key:
-      std = np.sqrt(2.0 / max(1, int(np.prod(s.shape[:-1]))))
-      return (rng.normal(size=s.shape) * std).astype(np.float32)
-    if "var" in key:
-      return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
-    if "scale" in key:
-      return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-    return rng.normal(0, 0.1, s.shape).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(
-      one, jax.eval_shape(net.init, jax.random.key(0)))
 
 
 def _members(latency=True):
