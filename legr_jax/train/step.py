@@ -7,7 +7,8 @@ network multiplies each conv's BatchNorm output by its group mask.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import chex
 import flax.struct
@@ -37,6 +38,45 @@ class TrainState:
   @property
   def variables(self) -> dict:
     return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+@dataclasses.dataclass(frozen=True)
+class Extra:
+  """A hook of `train_step`: extra trainable parameters beside the network's
+  and an extra loss term (e.g. soft gates and a FLOPs regularizer,
+  `legr_jax.gates`). Static (hashable by identity of its functions).
+
+  Attributes:
+    optimizer: optax transformation of the extra parameters.
+    masks_fn: ``(extra_params, params, step) -> masks`` (group masks, real
+      values allowed) used instead of ``train_step``'s ``masks``; None: the
+      given ``masks``.
+    loss_fn: ``(extra_params, params, masks, step) -> (scalar, {name:
+      scalar})``: added to the mean cross entropy; its dict is reported in
+      the metrics. None: no extra term.
+    train_params: also update the network parameters (with ``train_step``'s
+      ``optimizer``); False: they (and their optimizer state) stay as they
+      are and only the extra parameters learn.
+    bn_train: BatchNorm in training mode (batch statistics, running
+      statistics updated); False: inference mode, statistics unchanged.
+  """
+  optimizer: optax.GradientTransformation
+  masks_fn: Callable | None = None
+  loss_fn: Callable | None = None
+  train_params: bool = True
+  bn_train: bool = True
+
+
+@flax.struct.dataclass
+class ExtraState:
+  """The extra parameters of an `Extra` hook and their optimizer state."""
+  params: PyTree
+  opt_state: PyTree
+
+
+def init_extra_state(extra: Extra, params: PyTree) -> ExtraState:
+  """Fresh `ExtraState` of ``params`` for ``extra.optimizer``."""
+  return ExtraState(params=params, opt_state=extra.optimizer.init(params))
 
 
 def raw_key(rng) -> jax.Array:
@@ -110,10 +150,49 @@ def loss_and_grads(net, params, batch_stats, batch: dict, masks: dict | None,
   return loss, logits, new_stats, grads
 
 
+def _extra_loss_and_grads(net, params, batch_stats, batch, masks, step, *,
+                          extra: Extra, extra_params, label_smoothing,
+                          compute_dtype):
+  """`loss_and_grads` with an `Extra` hook: ``(ce, logits, new_stats,
+  grads, extra_grads, aux)``; ``grads`` is None unless
+  ``extra.train_params``."""
+  images, labels = batch["image"], batch["label"]
+  chex.assert_rank(images, 4)
+  dtype = COMPUTE_DTYPES[compute_dtype]
+
+  def loss_fn(params, extra_params):
+    m = (masks if extra.masks_fn is None
+         else extra.masks_fn(extra_params, params, step))
+    variables = {"params": _cast(params, dtype), "batch_stats": batch_stats}
+    if extra.bn_train:
+      logits, new_stats = net.apply(variables, images.astype(dtype), m,
+                                    train=True)
+    else:
+      logits = net.apply(variables, images.astype(dtype), m, train=False)
+      new_stats = batch_stats
+    ce = cross_entropy(logits, labels, label_smoothing).mean()
+    aux = {}
+    total = ce
+    if extra.loss_fn is not None:
+      term, aux = extra.loss_fn(extra_params, params, m, step)
+      total = ce + term
+      aux = {"extra_loss": term, **aux}
+    return total, (ce, logits, new_stats, aux)
+
+  argnums = (0, 1) if extra.train_params else 1
+  (_, (ce, logits, new_stats, aux)), g = jax.value_and_grad(
+      loss_fn, argnums=argnums, has_aux=True)(params, extra_params)
+  grads, extra_grads = g if extra.train_params else (None, g)
+  new_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), new_stats,
+                           batch_stats)
+  return ce, logits, new_stats, grads, extra_grads, aux
+
+
 def train_step(net, optimizer: optax.GradientTransformation,
                state: TrainState, batch: dict, masks: dict | None, *,
                label_smoothing: float = 0.0,
-               compute_dtype: str = "float32") -> tuple[TrainState, dict]:
+               compute_dtype: str = "float32", extra: Extra | None = None,
+               extra_state: ExtraState | None = None):
   """One SGD step on ``batch`` with BatchNorm in training mode.
 
   Args:
@@ -127,10 +206,22 @@ def train_step(net, optimizer: optax.GradientTransformation,
     compute_dtype: 'float32' or 'bfloat16': parameters and images are cast to
       it for the forward/backward pass (master weights, BatchNorm statistics
       and the loss stay float32).
+    extra, extra_state: an optional `Extra` hook and its `ExtraState`
+      (both or neither): the extra parameters are trained beside (or, with
+      ``extra.train_params=False``, instead of) the network's, on the cross
+      entropy plus ``extra.loss_fn``.
   Returns:
     (new_state, {'loss': mean training loss, 'accuracy': top-1 accuracy}),
-    both float32 scalars measured before the update.
+    both float32 scalars measured before the update. With ``extra``:
+    ``(new_state, new_extra_state, metrics)``; 'loss' stays the cross
+    entropy, 'extra_loss' and ``loss_fn``'s entries are added.
   """
+  if (extra is None) != (extra_state is None):
+    raise ValueError("train_step: give both extra and extra_state, or neither")
+  if extra is not None:
+    return _extra_train_step(net, optimizer, state, batch, masks, extra,
+                             extra_state, label_smoothing=label_smoothing,
+                             compute_dtype=compute_dtype)
   labels = batch["label"]
   loss, logits, new_stats, grads = loss_and_grads(
       net, state.params, state.batch_stats, batch, masks,
@@ -143,6 +234,30 @@ def train_step(net, optimizer: optax.GradientTransformation,
                             batch_stats=new_stats, opt_state=opt_state,
                             rng=rng)
   return new_state, {"loss": loss, "accuracy": accuracy.astype(jnp.float32)}
+
+
+def _extra_train_step(net, optimizer, state, batch, masks, extra,
+                      extra_state, *, label_smoothing, compute_dtype):
+  ce, logits, new_stats, grads, extra_grads, aux = _extra_loss_and_grads(
+      net, state.params, state.batch_stats, batch, masks, state.step,
+      extra=extra, extra_params=extra_state.params,
+      label_smoothing=label_smoothing, compute_dtype=compute_dtype)
+  params, opt_state = state.params, state.opt_state
+  if extra.train_params:
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  e_updates, e_opt_state = extra.optimizer.update(
+      extra_grads, extra_state.opt_state, extra_state.params)
+  e_params = optax.apply_updates(extra_state.params, e_updates)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  rng, _ = jax.random.split(state.rng)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=new_stats, opt_state=opt_state,
+                            rng=rng)
+  metrics = {"loss": ce, "accuracy": accuracy.astype(jnp.float32),
+             **{k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}}
+  return (new_state, ExtraState(params=e_params, opt_state=e_opt_state),
+          metrics)
 
 
 def eval_step(net, variables: dict, batch: dict, masks: dict | None, *,
