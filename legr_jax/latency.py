@@ -9,6 +9,8 @@ depend on the values). ``timer`` is injectable for tests.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from typing import Callable
 
@@ -45,3 +47,42 @@ def measure(net, variables, *, batch: int = 128, repeats: int = 20,
           "p10_ms": float(np.percentile(t, 10)),
           "p90_ms": float(np.percentile(t, 90)), "repeats": int(repeats),
           "device_kind": device.device_kind}
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyBudget:
+  """A latency budget: ``fraction`` (0 < f <= 1) of the unpruned network's
+  measured latency on the device at hand (`family.resolve_latency_budget`
+  turns it into a FLOPs budget by measurement, once)."""
+  fraction: float
+  metric = "latency"
+
+  def __post_init__(self):
+    f = self.fraction
+    if (isinstance(f, bool) or not isinstance(f, (int, float, np.floating))
+        or not math.isfinite(f) or not 0 < f <= 1):
+      raise ValueError(f"a latency budget must be a fraction in (0, 1] of "
+                       f"the unpruned network's latency, got {f!r}")
+    object.__setattr__(self, "fraction", float(f))
+
+  @property
+  def name(self) -> str:
+    return f"latency_{self.fraction:g}"
+
+  def __str__(self):
+    return f"latency:{self.fraction:g}"
+
+
+def parse_budget(text):
+  """A `methods.Budget` ('0.47', 'flops:0.47', 'params:0.5') or a
+  `LatencyBudget` ('latency:0.5')."""
+  from legr_jax.methods.budget import Budget  # pylint: disable=import-outside-toplevel
+  if isinstance(text, (Budget, LatencyBudget)):
+    return text
+  s = str(text).strip()
+  if s.startswith("latency:"):
+    try:
+      return LatencyBudget(float(s.split(":", 1)[1]))
+    except ValueError as e:
+      raise ValueError(f"budget {s!r}: {e}") from None
+  return Budget.parse(s)
