@@ -78,7 +78,9 @@ ARTIFACT = "sbf_scores.json"
 
 def lexp(z):
   """Leaky-exponential: ``exp(z)`` for ``z <= 0``, ``1 + z`` above."""
-  return jnp.where(z > 0, 1.0 + z, jnp.exp(jnp.minimum(z, 0.0)))
+  # where, not minimum: minimum's gradient at the tie z = 0 (every score's
+  # start) is 1/2; this one is 1 from both sides
+  return jnp.where(z > 0, 1.0 + z, jnp.exp(jnp.where(z > 0, 0.0, z)))
 
 
 def init_attention(spec: NetSpec, params, seed: int, dim: int) -> list:
