@@ -40,7 +40,7 @@ _CPU_KERNELS = ("auto", "on", "off")
 DATASETS = ("cifar10", "cifar100", "imagenet2012", "caltech_birds2011",
             "digits")
 DATASET_PREFIXES = ("npz:", "cifar_dir:")
-BUDGET_METRICS = ("flops", "params")
+BUDGET_METRICS = ("flops", "params", "latency")
 
 CPU_KERNELS = flags.DEFINE_enum(
     "cpu_kernels", "auto", list(_CPU_KERNELS),
@@ -222,8 +222,9 @@ def parse_budget(text: str) -> tuple[str, float]:
   metric, _, value = s.rpartition(":")
   metric = metric or "flops"
   if metric not in BUDGET_METRICS:
-    raise ValueError(f"budget {s!r}: the metric must be flops or params "
-                     "(flops:0.47, params:0.5, or just 0.47 for FLOPs)")
+    raise ValueError(f"budget {s!r}: the metric must be flops, params or "
+                     "latency (flops:0.47, params:0.5, latency:0.5, or just "
+                     "0.47 for FLOPs)")
   try:
     fraction = float(value)
   except ValueError:
@@ -487,6 +488,8 @@ def check_budgets_reachable(spec, budgets, safeguard: float, flag: str,
   for b in budgets:
     metric, fraction = ((b.metric, b.fraction) if hasattr(b, "metric")
                         else b)
+    if metric == "latency":   # met by measurement (family), not by a floor
+      continue
     low, total = protected_floor(spec, safeguard, metric, round_to)
     if low > math.floor(fraction * total):
       raise UserError(
@@ -518,6 +521,13 @@ def define_finetune_flags(epochs_default: int = 40) -> None:
   flags.DEFINE_float("lr", 0.01, "Fine-tuning learning rate (LeGR: 0.01, "
                      "Nesterov, x0.2 at 30/60/80%).")
   flags.DEFINE_integer("batch_size", 128, "Fine-tuning batch size.")
+  flags.DEFINE_enum("finetune_mode", "auto", ["auto", "parallel",
+                                               "sequential"],
+                    "How a family's members are fine-tuned: 'parallel' "
+                    "(all at once, masked full-size networks batched with "
+                    "vmap over the local devices), 'sequential' (sliced "
+                    "networks one after another), 'auto': sequential on CPU, "
+                    "parallel on GPU/TPU (legr_jax.family).")
   number("epochs", 0)
   number("lr", 0, low_open=True)
   number("batch_size", 1)

@@ -110,7 +110,8 @@ common.distinct_paths(["workdir", "checkpoint"])
 def _parse_flags(methods):
   """Checks what needs the method registry (after JAX) and returns
   (budgets, method specs (label, name, options), seeds)."""
-  budgets = sorted({methods.Budget.parse(b) for b in FLAGS.budget},
+  from legr_jax import latency  # pylint: disable=g-import-not-at-top
+  budgets = sorted({latency.parse_budget(b) for b in FLAGS.budget},
                    key=lambda b: (b.metric, b.fraction))
   texts = list(FLAGS.methods)
   if texts == ["all"]:
@@ -424,7 +425,8 @@ def _compare(budgets, names, seeds, cpu_kernels, loaded, methods, family,
             net, variables, ds, method, budgets,
             workdir=os.path.join(sdir, label), finetune=finetune,
             artifact=artifact, latency_batch=FLAGS.latency_batch,
-            progress=FLAGS.progress, log=common.log)
+            progress=FLAGS.progress, log=common.log,
+            finetune_mode=FLAGS.finetune_mode)
       except methods.InfeasibleBudgetError as e:
         raise common.UserError(f"{label}: {e}") from None
       for r in out:

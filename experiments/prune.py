@@ -39,7 +39,11 @@ flags.DEFINE_string("ranking", "l2", "experiments.learn_ranking workdir or "
                     "ranking.json (method legr), or 'l2' (plain global L2 "
                     "ranking).")
 flags.DEFINE_list("budgets", ["0.47", "0.7"], "Budgets: FLOPs fractions of "
-                  "the unpruned MACs (0.47), or flops:F / params:F.")
+                  "the unpruned MACs (0.47), or flops:F / params:F / "
+                  "latency:F (F of the unpruned network's measured latency "
+                  "at --latency_batch on this device; the FLOPs fraction "
+                  "that meets it is found by measurement once and stored in "
+                  "WORKDIR/latency_budgets.json).")
 flags.DEFINE_float("safeguard", 0.1, "Every group keeps at least this "
                    "fraction of its channels.")
 flags.DEFINE_integer("seed", 0, "Seed of seeded methods (random).")
@@ -104,11 +108,11 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   cpu_kernels = common.start_process()  # before JAX's first computation
-  from legr_jax import family, methods, models, ops, train  # pylint: disable=g-import-not-at-top
+  from legr_jax import family, latency, methods, models, ops, train  # pylint: disable=g-import-not-at-top
   from legr_jax.methods import legr as legr_lib  # pylint: disable=g-import-not-at-top
   from legr_jax.train import loop  # pylint: disable=g-import-not-at-top
 
-  budgets = [methods.Budget.parse(b) for b in FLAGS.budgets]
+  budgets = [latency.parse_budget(b) for b in FLAGS.budgets]
   name = FLAGS.method or ("l2" if FLAGS.ranking == "l2" else "legr")
   if name not in methods.names():
     raise app.UsageError(f"--method={name} is not a pruning method; known: "
@@ -141,6 +145,8 @@ def main(argv):
   net = net.with_ops(ops.resolve(cpu_kernels))
   # Every budget by the method itself (its own floor, round_to): masks only.
   for b in budgets:
+    if b.metric == "latency":   # solved by measurement in prune_family
+      continue
     try:
       method.prune(net, variables, b, artifact=artifact,
                    round_to=FLAGS.round_to)
@@ -160,19 +166,20 @@ def main(argv):
         net, variables, ds, method, budgets, workdir=FLAGS.workdir,
         finetune=finetune, artifact=artifact, round_to=FLAGS.round_to,
         latency_batch=FLAGS.latency_batch, overwrite=FLAGS.overwrite,
-        log=common.log,
+        log=common.log, finetune_mode=FLAGS.finetune_mode,
         summary_extra={"checkpoint": os.path.abspath(FLAGS.checkpoint),
                        "ranking": FLAGS.ranking,
                        "safeguard": FLAGS.safeguard})
   print(f"{'budget':>14} {'MACs':>10} {'params':>9} {'val acc':>8} "
-        f"{'test acc':>8} {'ms/batch':>8} pareto")
+        f"{'test acc':>8} {'ms/batch':>8} {'ms@1':>7} pareto")
   for row in rows:
     test_acc = row.get("test_accuracy")
     print(f"{row['budget_metric'] + ':' + format(row['budget'], 'g'):>14} "
           f"{row['flops'] / 1e6:9.3f}M {row['params'] / 1e3:8.1f}k "
           f"{row['val_accuracy']:8.4f} "
           f"{'n/a' if test_acc is None else format(test_acc, '.4f'):>8} "
-          f"{row['latency_ms']:8.2f} {'*' if row['pareto_optimal'] else ''}")
+          f"{row['latency_ms']:8.2f} {row['latency_ms_batch1']:7.3f} "
+          f"{'*' if row['pareto_optimal'] else ''}")
   print(f"Pareto set stored in {os.path.join(FLAGS.workdir, 'pareto')}")
   return 0
 

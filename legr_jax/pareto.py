@@ -246,7 +246,8 @@ def _figures(metrics: dict, keys) -> str:
     parts.append(f"{k} {v}")
   if "latency_ms" in keys and "latency_batch" in metrics:
     parts.append(f"latency_batch {metrics['latency_batch']}")
-  if "latency_ms" in keys and "device_kind" in metrics:
+  if any(str(k).startswith("latency_ms") for k in keys) and (
+      "device_kind" in metrics):
     parts.append(f"device_kind {metrics['device_kind']!r}")
   return ", ".join(parts)
 
@@ -254,6 +255,7 @@ def _figures(metrics: dict, keys) -> str:
 def pick(workdir_or_members, max_flops: float | None = None,
          max_params: float | None = None,
          max_latency_ms: float | None = None, *,
+         latency_batch: str = "serving",
          accuracy_key: str | None = None) -> Picked:
   """The most accurate member meeting every limit given.
 
@@ -267,6 +269,9 @@ def pick(workdir_or_members, max_flops: float | None = None,
     max_latency_ms: at most this ``latency_ms`` (median ms of one forward
       pass of ``latency_batch`` images on the recorded ``device_kind``; all
       members must share both).
+    latency_batch: which latency ``max_latency_ms`` bounds: 'serving'
+      (``latency_ms``, at the recorded ``latency_batch``) or 1
+      (``latency_ms_batch1``, one image per call).
     accuracy_key: the metric maximised; default the set's own
       ``accuracy_key`` (``val_accuracy``). Test-split keys are refused: the
       test split is reported, never chosen on.
@@ -277,12 +282,17 @@ def pick(workdir_or_members, max_flops: float | None = None,
   member lacks a limited metric (sets written before it was recorded) or
   the accuracy; TypeError / FileNotFoundError for bad sources.
   """
-  limits = {LIMITS[k]: v for k, v in (("max_flops", max_flops),
-                                       ("max_params", max_params),
-                                       ("max_latency_ms", max_latency_ms))
+  if latency_batch not in ("serving", 1):
+    raise ValueError(f"latency_batch must be 'serving' or 1, got "
+                     f"{latency_batch!r}")
+  lat_key = "latency_ms" if latency_batch == "serving" else "latency_ms_batch1"
+  limit_of = dict(LIMITS, max_latency_ms=lat_key)
+  limits = {limit_of[k]: v for k, v in (("max_flops", max_flops),
+                                        ("max_params", max_params),
+                                        ("max_latency_ms", max_latency_ms))
             if v is not None}
   for metric, v in limits.items():
-    name = next(k for k, m in LIMITS.items() if m == metric)
+    name = next(k for k, m in limit_of.items() if m == metric)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
         math.isfinite(v) and v > 0):
       raise ValueError(f"{name} must be a positive number, got {v!r}")
@@ -297,11 +307,12 @@ def pick(workdir_or_members, max_flops: float | None = None,
       if metric not in e["metrics"] or e["metrics"][metric] is None:
         what = f"accuracy {metric!r}" if metric == key else (
             f"{metric!r}, which "
-            f"{next(k for k, m in LIMITS.items() if m == metric)} bounds "
+            f"{next(k for k, m in limit_of.items() if m == metric)} bounds "
             "(written before it was recorded: prune again)")
         raise ValueError(f"member {e['name']!r} in {where} lacks {what}")
-  if "latency_ms" in limits:
-    kinds = {(e["metrics"].get("latency_batch"),
+  if lat_key in limits:
+    kinds = {(e["metrics"].get("latency_batch") if lat_key == "latency_ms"
+              else 1,
               e["metrics"].get("device_kind")) for e in entries}
     if len(kinds) > 1:
       raise ValueError(f"members in {where} were timed at different (batch, "

@@ -73,6 +73,10 @@ FIGURES = {"a": (0.3, 0.35, 1.0, 0.80, 0.99),
            "d": (0.9, 0.95, 4.0, 0.90, 0.60)}
 
 
+# batch-1 latencies ordered unlike the serving-batch ones
+BATCH1_MS = {"a": 0.4, "b": 0.1, "c": 0.2, "d": 0.5}
+
+
 def _members(latency=True):
   net = build("cnn_small")
   variables = numpy_variables(net, 0)
@@ -83,7 +87,8 @@ def _members(latency=True):
     metrics = {"flops": fl * 1e6, "flops_fraction": fl, "params_fraction": pa,
                "val_accuracy": val, "test_accuracy": test}
     if latency:
-      metrics.update(latency_ms=ms, latency_batch=8, device_kind="cpu")
+      metrics.update(latency_ms=ms, latency_batch=8, device_kind="cpu",
+                     latency_ms_batch1=BATCH1_MS[name])
     members.append(pareto.Member(name, small.config, small_vars, metrics))
   return members
 
@@ -113,6 +118,17 @@ def test_pick_most_accurate_within_limits(workdir, limits, expect):
   # from the set's folder and from members in memory: the same choice
   assert pareto.pick(os.path.join(workdir, "pareto"), **limits).name == expect
   assert pareto.pick(_members(), **limits).name == expect
+
+
+def test_pick_by_batch1_latency(workdir):
+  assert pareto.pick(workdir, max_latency_ms=0.45, latency_batch=1).name == "b"
+  assert pareto.pick(workdir, max_latency_ms=0.15, latency_batch=1).name == "b"
+  with pytest.raises(ValueError, match="cheapest is 'a'"):
+    pareto.pick(workdir, max_latency_ms=0.45)          # serving batch
+  with pytest.raises(ValueError, match="cheapest is 'b'.*latency_ms_batch1"):
+    pareto.pick(workdir, max_latency_ms=0.05, latency_batch=1)
+  with pytest.raises(ValueError, match="latency_batch must be"):
+    pareto.pick(workdir, max_latency_ms=1.0, latency_batch=8)
 
 
 def test_picked_member_is_ready_to_apply(workdir):
