@@ -246,3 +246,27 @@ def test_end_to_end_learn_prune_family(method, tmp_path):
     assert r["flops_fraction"] <= 0.5 or r["budget_metric"] == "params"
     assert 0.0 <= r["val_accuracy_pruned"] <= 1.0
   assert os.path.exists(tmp_path / "family" / "summary.json")
+
+
+@pytest.mark.slow
+def test_compare_runs_both_with_a_learn_workdir(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  wd = str(tmp_path / "cmp")
+  labels = ["dagger@steps=4+batch_size=32", "sbf@steps=4+batch_size=32"]
+  r = subprocess.run(
+      [sys.executable, "-m", "experiments.compare", f"--workdir={wd}",
+       f"--methods={','.join(labels)}", "--budget=0.5", "--baseline_epochs=1",
+       "--epochs=1", "--noprogress"], cwd=root, capture_output=True,
+      text=True, timeout=900, env=dict(os.environ, PYTHONPATH=root))
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = json.load(open(os.path.join(wd, "comparison.json")))["rows"]
+  assert [row["method"] for row in rows] == labels
+  for label, row in zip(labels, rows):
+    assert row["flops_fraction"] <= 0.5
+    learn = os.path.join(wd, "seed_0", f"{label}_search")
+    name = label.split("@")[0]
+    assert os.path.exists(os.path.join(
+        learn, methods.get(name).artifact_file))
+    assert row["learn_seconds"] > 0
