@@ -115,6 +115,65 @@ def test_members_spread_over_four_devices_match_one(npz, tmp_path):
   assert diff < 1e-5
 
 
+_PROCESSES = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax, numpy as np
+    npz, wd, port, pid = sys.argv[1:5]
+    if port != "none":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(coordinator_address="localhost:" + port,
+                                 num_processes=2, process_id=int(pid))
+    sys.path.insert(0, "tests")
+    from conftest import random_masks
+    from legr_jax import models, train
+    from legr_jax.train import members
+    cfg = train.TrainConfig(model="cnn_small", dataset="npz:" + npz,
+        val_size=40, epochs=1, batch_size=32, lr=0.05, cpu_kernels="off",
+        augment="cifar", log_every_steps=1)
+    ds = train.load_dataset(cfg)
+    net = models.get("cnn_small", num_classes=10, input_shape=ds.image_shape)
+    v = jax.device_get(net.init(jax.random.PRNGKey(0)))
+    masks = [random_masks(net.spec, s) for s in range(3)]
+    out = members.fit_members(cfg, wd, net=net, variables=[v] * 3,
+        masks=masks, dataset=ds, max_steps=3, progress=False)
+    np.savez(wd + "/result_%s.npz" % pid, *jax.tree.leaves(out))
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_spread_the_members_and_agree_with_one(npz, tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  os.makedirs(one)
+  os.makedirs(two)
+  r = subprocess.run([sys.executable, "-c", _PROCESSES, npz, one, "none",
+                      "0"], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  procs = [subprocess.Popen([sys.executable, "-c", _PROCESSES, npz, two,
+                             port, str(i)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  # process 0 fine-tuned members 0 and 2, process 1 member 1
+  assert sorted(os.listdir(two + "/process_0")) and sorted(
+      os.listdir(two + "/process_1"))
+  assert "fine-tuned 2 members" in outs[0][0]
+  assert "fine-tuned 1 members" in outs[1][0]
+  ref = np.load(one + "/result_0.npz")
+  for pid in "01":
+    got = np.load(f"{two}/result_{pid}.npz")
+    for k in ref.files:
+      np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
 _KILLED = textwrap.dedent("""
     import sys, jax, numpy as np
     sys.path.insert(0, "tests")

@@ -40,8 +40,11 @@ def _best_metric(metrics) -> float:
 
 
 def make_manager(directory: str, *, keep: int = 3,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-  """A CheckpointManager over ``directory`` with items 'state' and 'meta'."""
+                 read_only: bool = False,
+                 process_local: bool = False) -> ocp.CheckpointManager:
+  """A CheckpointManager over ``directory`` with items 'state' and 'meta'.
+  With ``process_local`` only this JAX process uses it (its own folder and
+  process-local arrays; no barrier with the other processes)."""
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(n=max(1, keep)),
       ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
@@ -49,10 +52,21 @@ def make_manager(directory: str, *, keep: int = 3,
   ])
   options = ocp.CheckpointManagerOptions(
       best_fn=_best_metric, best_mode="max", preservation_policy=policy,
-      enable_async_checkpointing=False, create=not read_only,
-      read_only=read_only)
+      **{"enable_async_checkpointing": False, "create": not read_only,
+         "read_only": read_only, **_process_local_options(process_local)})
+  if process_local and not read_only:
+    os.makedirs(directory, exist_ok=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=("state", "meta"))
+
+
+def _process_local_options(process_local: bool) -> dict:
+  if not process_local or jax.process_count() == 1:
+    return {}
+  i = jax.process_index()
+  return {"create": False, "multiprocessing_options": ocp.options.MultiprocessingOptions(
+      primary_host=i, active_processes={i},
+      barrier_sync_key_prefix=f"process_{i}")}
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, meta: dict,

@@ -95,19 +95,68 @@ def fit_members(config: TrainConfig, workdir: str, *, net,
   Args:
     config: the recipe (epochs, lr, schedule, batch, seed, ...); its
       ``cpu_kernels`` is ignored (plain XLA ops).
-    workdir: the folder of this job's checkpoints.
+    workdir: the folder of this job's checkpoints (shared by every host
+      when several JAX processes run it).
     net: the full-size `PrunableNet`.
     variables: K full-size variables (e.g. a method's output, or the
       pretrained ones for every member).
     masks: K group-mask dicts (0/1, ``{group: [C_g]}``).
     dataset: a `legr_jax.data.Dataset`.
-    mesh: a 1-D mesh splitting the members (default `member_mesh()`).
-    max_steps: stop after this many steps (tests; no checkpoint written
-      beyond it).
+    mesh: a 1-D mesh of this process's devices splitting its members
+      (default `member_mesh()`).
+    max_steps: stop after this many steps (tests).
     crash_at_step: testing aid: SIGKILL this process right after this step.
   Returns:
-    K full-size variables (host numpy), member order kept.
+    K full-size variables (host numpy), member order kept, on every process.
+
+  Several hosts: after `jax.distributed.initialize()` every process calls
+  this with the same arguments; process i fine-tunes members i, i + P, ...
+  on its local devices (checkpoints in ``workdir/process_<i>``), writes
+  them to ``workdir/out/``, and after a barrier every process reads all K.
   """
+  k = len(variables)
+  if k == 0 or len(masks) != k:
+    raise ValueError(f"give as many masks as variables (>= 1), got "
+                     f"{len(masks)} masks for {k} variables")
+  n_proc = jax.process_count()
+  if n_proc == 1:
+    return _fit_local(config, workdir, net=net, variables=variables,
+                      masks=masks, dataset=dataset, mesh=mesh,
+                      max_steps=max_steps, progress=progress, log=log,
+                      crash_at_step=crash_at_step)
+  from legr_jax.search import multihost  # pylint: disable=import-outside-toplevel
+  me = jax.process_index()
+  mine = list(range(me, k, n_proc))
+  out_dir = os.path.join(workdir, "out")
+  os.makedirs(out_dir, exist_ok=True)
+  if mine:
+    done = _fit_local(config, os.path.join(workdir, f"process_{me}"),
+                      net=net, variables=[variables[j] for j in mine],
+                      masks=[masks[j] for j in mine], dataset=dataset,
+                      mesh=mesh, max_steps=max_steps, progress=progress,
+                      log=log, crash_at_step=crash_at_step,
+                      process_local=True)
+    for j, v in zip(mine, done):
+      path = os.path.join(out_dir, f"member_{j}.npz")
+      np.savez(path + ".tmp.npz", *jax.tree.leaves(v))
+      os.replace(path + ".tmp.npz", path)
+  multihost.sync("legr_jax.fit_members")
+  treedef = jax.tree.structure(jax.device_get(variables[0]))
+  result = []
+  for j in range(k):
+    with np.load(os.path.join(out_dir, f"member_{j}.npz")) as z:
+      result.append(jax.tree.unflatten(
+          treedef, [z[f"arr_{i}"] for i in range(len(z.files))]))
+  return result
+
+
+def _fit_local(config: TrainConfig, workdir: str, *, net,
+               variables: Sequence[dict], masks: Sequence[dict], dataset,
+               mesh: Mesh | None = None, max_steps: int | None = None,
+               progress: bool = True, log: Callable[[str], None] = print,
+               crash_at_step: int | None = None,
+               process_local: bool = False) -> list[dict]:
+  """`fit_members` on this process's devices only."""
   k = len(variables)
   if k == 0 or len(masks) != k:
     raise ValueError(f"give as many masks as variables (>= 1), got "
@@ -153,17 +202,21 @@ def fit_members(config: TrainConfig, workdir: str, *, net,
   members = NamedSharding(mesh, P(MEMBER_AXIS))
   states = [step_lib.init_train_state(net, jax.random.PRNGKey(config.seed),
                                       optimizer, v) for v in variables]
-  manager = ckpt_lib.make_manager(ckpt_dir, keep=2)
+  manager = ckpt_lib.make_manager(ckpt_dir, keep=2,
+                                  process_local=process_local)
   start, state = 0, None
   template = jax.eval_shape(lambda: _stack(jax.device_get(states)))
+  # Saved and restored as host arrays: orbax refuses process-local device
+  # arrays when several processes run.
   restored = ckpt_lib.restore_newest(
-      manager, ckpt_lib.abstract_like(template, members), log=log)
+      manager, ckpt_lib.abstract_like(template), log=log)
   if restored is not None:
     start, state, meta = restored
     if meta.get("steps_per_epoch") != spe:
       start, state = 0, None
     else:
       log(f"resuming the {k} members' fine-tuning from step {start}")
+      state = jax.device_put(jax.device_get(state), members)
   if state is None:
     state = jax.device_put(_stack(jax.device_get(states)), members)
   dev_masks = jax.device_put(_stack(masks), members)
@@ -176,8 +229,8 @@ def fit_members(config: TrainConfig, workdir: str, *, net,
   rep = NamedSharding(mesh, P())
 
   def save(s):
-    ckpt_lib.save(manager, s, state, {"step": s, "steps_per_epoch": spe},
-                  None)
+    ckpt_lib.save(manager, s, jax.device_get(state),
+                  {"step": s, "steps_per_epoch": spe}, None)
 
   t0 = time.perf_counter()
   s = start
