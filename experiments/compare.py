@@ -215,6 +215,63 @@ COLUMNS = (  # (header, metric key, format)
     ("latency ms", "latency_ms", "{:.2f}"),
     ("method s", "method_seconds", "{:.2f}"),
 )
+# Cells are mean ± standard deviation over the seeds.
+
+
+def paired_difference(a, b):
+  """Mean and standard error of ``a - b`` paired by seed (lists of equal
+  length): ``(mean, se)``; se is None for one seed."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  if d.size < 2:
+    return float(d.mean()), None
+  return float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size))
+
+
+def verdict(mean: float, se: float | None) -> str:
+  """'beats' / 'loses' when the mean difference exceeds twice its standard
+  error, else 'tie' ('n/a' with one seed)."""
+  if se is None:
+    return "n/a (1 seed)"
+  if mean > 2 * se:
+    return "beats"
+  if mean < -2 * se:
+    return "loses"
+  return "tie"
+
+
+REFERENCES = ("uniform", "l2")
+
+
+def _differences(rows, budgets, names, key="test_accuracy") -> list[str]:
+  """Markdown lines: every method against the simplest baselines, paired
+  over the seeds both ran."""
+  refs = [r for r in REFERENCES if r in names]
+  if not refs or len({r["seed"] for r in rows}) < 2:
+    return []
+  lines = ["", f"Paired over seeds ({key}, method minus reference; 'beats'"
+           " = mean difference above twice its standard error):", "",
+           "| budget | method | " + " | ".join(f"vs {r}" for r in refs) +
+           " |", "|---" * (len(refs) + 2) + "|"]
+  for metric, b in budgets:
+    by = {(r["method"], r["seed"]): r.get(key) for r in rows
+          if r["budget"] == b and r["budget_metric"] == metric}
+    for name in names:
+      cells = []
+      for ref in refs:
+        seeds = sorted(s for (m, s) in by if m == name
+                       and (ref, s) in by and by[(name, s)] is not None
+                       and by[(ref, s)] is not None)
+        if name == ref or not seeds:
+          cells.append("")
+          continue
+        mean, se = paired_difference([by[(name, s)] for s in seeds],
+                                     [by[(ref, s)] for s in seeds])
+        cells.append(f"{mean:+.4f} ± {se or 0:.4f} {verdict(mean, se)}")
+      if any(cells):
+        lines.append(f"| {metric}:{b:g} | {name} | " + " | ".join(cells) +
+                     " |")
+  return lines
 
 
 def write_report(workdir, rows, header: list[str], baseline: dict) -> str:
@@ -234,6 +291,7 @@ def write_report(workdir, rows, header: list[str], baseline: dict) -> str:
         continue
       cells = [_cell([r.get(k) for r in sel], f) for _, k, f in COLUMNS]
       lines.append(f"| {metric}:{b:g} | {name} | " + " | ".join(cells) + " |")
+  lines.extend(_differences(rows, budgets, names))
   lines.append("")
   lines.append(f"Unpruned baseline: val acc {baseline['val_accuracy']:.4f}, "
                f"test acc {baseline.get('test_accuracy', float('nan')):.4f}, "

@@ -65,3 +65,41 @@ def test_bad_flags_are_refused_before_anything_is_written(tmp_path):
     assert r.returncode != 0, bad
     assert bad.split("=")[0] in r.stderr, (bad, r.stderr[-500:])
     assert not wd.exists()
+
+
+def test_paired_difference_matches_scipys_paired_t_test():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from experiments import compare  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  a, b = rng.uniform(0.4, 0.7, 3), rng.uniform(0.4, 0.7, 3)
+  mean, se = compare.paired_difference(a, b)
+  t = stats.ttest_rel(a, b).statistic
+  assert np.isclose(mean, np.mean(a - b))
+  assert np.isclose(mean / se, t)
+  assert compare.verdict(0.05, 0.02) == "beats"
+  assert compare.verdict(-0.05, 0.02) == "loses"
+  assert compare.verdict(0.03, 0.02) == "tie"
+  assert compare.paired_difference([0.5], [0.4])[1] is None
+
+
+def test_report_pairs_methods_with_the_baselines_by_seed(tmp_path):
+  from experiments import compare  # pylint: disable=g-import-not-at-top
+  rows = []
+  accs = {"uniform": [0.60, 0.62, 0.61], "l2": [0.50, 0.55, 0.52],
+          "legr": [0.70, 0.72, 0.69]}
+  for name, values in accs.items():
+    for seed, acc in enumerate(values):
+      rows.append({"method": name, "seed": seed, "budget": 0.3,
+                   "budget_metric": "flops", "test_accuracy": acc})
+  baseline = {"val_accuracy": 0.7, "test_accuracy": 0.7, "latency_ms": 1.0,
+              "latency_batch": 8, "device_kind": "cpu"}
+  table = compare.write_report(str(tmp_path), rows, ["# t"], baseline)
+  legr_line = next(l for l in table.splitlines()
+                   if l.startswith("| flops:0.3 | legr |") and "vs" not in l
+                   and ("beats" in l or "tie" in l or "loses" in l))
+  # legr - uniform = +0.0933 (all three seeds higher): beats both
+  assert legr_line.count("beats") == 2 and "+0.0933" in legr_line
+  l2_line = next(l for l in table.splitlines()
+                 if l.startswith("| flops:0.3 | l2 |") and "loses" in l)
+  assert "-0.0867" in l2_line
