@@ -25,8 +25,8 @@ NOTEBOOK = os.path.join(ROOT, "experiments", "colab_tpu.ipynb")
 TINY = """
 WORKDIR = {workdir!r}
 PRESET = ""
-PIPELINE_FLAGS = ["--epochs=1", "--generations=4", "--population=2",
-                  "--sample=1", "--finetune_epochs=1", "--target_flops=0.5",
+PIPELINE_FLAGS = ["--epochs=1", "--generations=2", "--population=2",
+                  "--sample=1", "--finetune_epochs=0", "--target_flops=0.5",
                   "--budgets=0.5,0.7", "--cpu_kernels=off"]
 PREPARE_TFDS = ""
 """

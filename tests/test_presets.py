@@ -1,13 +1,24 @@
 """The papers' presets (experiments/presets/*.flags) parse, pass every
-stage's checks and run end to end at tiny sizes on fake TFDS data.
+check that comes before the work with their own networks, and run end to end
+at tiny sizes on fake TFDS data.
 
 Nothing downloads: `fake_tfds.write` prepares cifar10 / cifar100 in a
 temporary TFDS data_dir with TFDS's own builders (random images, the real
 features and array_record files), and the runs read it through
-``TFDS_DATA_DIR`` exactly as they would read the prepared real data. The
-dry runs override, after the flagfile, only sizes: epochs, search
-evaluations, tau_hat, the validation split and batches; the model, data
-set, model options, search target and budgets stay the preset's.
+``TFDS_DATA_DIR`` / ``data_dir`` exactly as they would read the prepared
+real data.
+
+* `test_preset_flags_are_valid`: every flag value passes the module's
+  validators (``--only_check_args``; no JAX).
+* `test_preset_preflight`: the preset's network (model options included) on
+  the fake data's shape and classes; the search target and every budget
+  against the safeguard floor; CLR-RNF's masks at every budget.
+* `test_preset_dry_run` (slow): the preset's command end to end; after the
+  flagfile only sizes are overridden (epochs, search evaluations, tau_hat,
+  validation split, batches, no fine-tuning) and, unless
+  ``LEGR_PRESET_FULL_MODELS=1``, the network: resnet20 (same family and
+  options) stands in for ResNet-56 / MobileNetV2 / VGG-16, whose runs take
+  minutes each on a 2-core CPU (with the variable set: the preset's own).
 """
 
 import glob
@@ -124,12 +135,58 @@ def test_fake_tfds_reads_through_the_data_layer(fake_data_dir):
     assert ((0 <= y) & (y < classes)).all()
 
 
+FULL_MODELS = os.environ.get("LEGR_PRESET_FULL_MODELS") == "1"
+SMALL_MODEL = "resnet20"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_preset_preflight(name, fake_data_dir):
+  """What the commands check before any work, with the preset's network:
+  it builds (model options) for the data's images and classes; the search
+  target and every budget are above the safeguard floor; a method without
+  a learn stage (CLR-RNF) finds masks within every budget."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from legr_jax import data, methods, models  # pylint: disable=g-import-not-at-top
+  module, dataset = EXPECTED[name]
+  f = preset_flags(name)
+  assert f["dataset"] == dataset
+  ds = data.get_dataset(dataset, data_dir=fake_data_dir)
+  kwargs = {}
+  for e in f.get("extra_train_flags", "").split(","):
+    if e.startswith("--model_kwargs="):
+      kwargs = json.loads(e.split("=", 1)[1])
+  net = models.get(f["model"], num_classes=ds.num_classes,
+                   input_shape=ds.image_shape, **kwargs)
+  safeguard = float(f["safeguard"])
+  if module == "experiments.legr_pipeline":
+    budgets = [common.parse_budget(b) for b in f["budgets"].split(",")]
+    assert min(b for _, b in budgets) == float(f["target_flops"])
+    common.check_budgets_reachable(
+        net.spec, [("flops", float(f["target_flops"]))] + budgets,
+        safeguard, "--target_flops/--budgets")
+  else:
+    budgets = [methods.Budget.parse(b) for b in f["budget"].split(",")]
+    common.check_budgets_reachable(net.spec, budgets, safeguard, "--budget")
+    _, method_name, options = methods.parse_spec(f["methods"])
+    method = methods.get(method_name, safeguard=safeguard, **options)
+    rng = np.random.default_rng(0)   # stand-in weights, as compare uses
+    variables = jax.tree.map(
+        lambda s: np.abs(rng.standard_normal(s.shape)).astype(s.dtype) + 0.1,
+        jax.eval_shape(net.init, jax.random.key(0)))
+    for b in budgets:
+      method.prune(net, variables, b)
+
+
 def _tiny_args(name, workdir):
   """The preset's command with tiny sizes appended after the flagfile."""
   module, _ = EXPECTED[name]
   f = preset_flags(name)
   args = ["-m", module, f"--flagfile={preset_path(name)}",
           f"--workdir={workdir}", "--cpu_kernels=off"]
+  if not FULL_MODELS:
+    args.append(f"--model={SMALL_MODEL}")
   if module == "experiments.legr_pipeline":
     # list flag: the preset's own entries (model options) kept, sizes added
     extra = [e for e in f.get("extra_train_flags", "").split(",") if e]
@@ -155,7 +212,8 @@ def test_preset_dry_run(name, fake_data_dir, tmp_path):
   f = preset_flags(name)
   if module == "experiments.legr_pipeline":
     base = json.load(open(wd / "baseline" / "config.json"))
-    assert (base["model"], base["dataset"]) == (f["model"], dataset)
+    model = f["model"] if FULL_MODELS else SMALL_MODEL
+    assert (base["model"], base["dataset"]) == (model, dataset)
     if "extra_train_flags" in f:
       assert base["model_kwargs"] == {"pad": "append"}
     search = json.load(open(wd / "ranking" / "search_config.json"))
