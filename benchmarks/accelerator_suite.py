@@ -41,10 +41,12 @@ part must not take the others with it), capped at ``--part_timeout_s``
                    of an ``--evaluations`` search: one compile and every
                    candidate evaluated, and with search_tau0's memo rate and
                    number of batch sizes (one compile each) at that K.
-  family_finetune  a family of ``--family_budgets`` (8) budgets fine-tuned
-                   in parallel against one after another; recorded as not
-                   available until the parallel family fine-tuning
-                   (``legr_jax.family.finetune_parallel``) exists.
+  family_finetune  a family of ``--family_budgets`` (8) L2-pruned budgets
+                   fine-tuned ``--family_steps`` (30) steps one after
+                   another (sliced) against all at once (`train.members`:
+                   masked, vmapped, split over the devices): wall seconds
+                   with compiles and steady seconds per step; decides
+                   `family.default_finetune_mode` on that device.
   latency          forward-pass latency of the L2-ranked (LeGR's identity
                    candidate), physically sliced ``--flops`` network against
                    the unpruned one at ``--latency_batches`` (1, 128, 1024),
@@ -110,7 +112,6 @@ GOALS = {"search_tau0": ("400 candidates at tau_hat = 0 in under 1 minute",
                          60.0),
          "search_tau200": ("a 400-candidate tau_hat = 200 search projected "
                            "under 10 minutes", 600.0)}
-FAMILY_MISSING = "not available: parallel family fine-tuning not built yet"
 # The set-up the goals are stated for (other set-ups print no verdict).
 GOAL_SETUP = {"model": "resnet56", "image_size": 32, "val_images": 1000,
               "evaluations": 400, "flops": 0.47, "safeguard": 0.1}
@@ -120,6 +121,7 @@ TINY = {"model": "cnn_small", "image_size": 8, "val_images": 64,
         "train_images": 64, "evaluations": 16, "population": 8, "sample": 4,
         "ks": ["8"], "tau_hat": 2, "tau_rounds": 2, "batch_size": 16,
         "eval_batch_size": 32, "latency_batches": ["1", "8"],
+        "family_budgets": 3, "family_steps": 3,
         "latency_repeats": 3}
 
 FLAGS = flags.FLAGS
@@ -162,6 +164,8 @@ flags.DEFINE_integer("tau_rounds", 2, "search_tau200: rounds of K "
 flags.DEFINE_integer("tau_k", 0, "search_tau200: K (0: search_tau0's best "
                      "K, else the middle of --ks).")
 flags.DEFINE_integer("family_budgets", 8, "family_finetune: budgets.")
+flags.DEFINE_integer("family_steps", 30, "family_finetune: training steps "
+                     "of every member.")
 flags.DEFINE_list("latency_batches", ["1", "128", "1024"], "latency: batch "
                   "sizes.")
 flags.DEFINE_integer("latency_repeats", 20, "latency: timed passes per "
@@ -440,16 +444,87 @@ def part_search_tau200(res: PartResult, context: dict) -> None:
 
 
 def part_family_finetune(res: PartResult, context: dict) -> None:
-  """Parallel vs sequential family fine-tuning: not built yet (issue 17)."""
+  """A family of --family_budgets L2-pruned members fine-tuned
+  --family_steps steps: one after another (sliced networks, one jitted
+  `train.train_step` each) against all at once (`train.members`: masked
+  full-size networks, vmapped, split over the local devices). Times include
+  each side's compiles (a user meets them); the steady-state seconds per
+  step (the steps after the first) are given too."""
   del context
-  res["budgets"] = FLAGS.family_budgets
-  if (importlib.util.find_spec("legr_jax.family") is None or not hasattr(
-      importlib.import_module("legr_jax.family"), "finetune_parallel")):
-    res["status"] = FAMILY_MISSING
-  else:
-    res["status"] = ("not available: legr_jax.family.finetune_parallel "
-                     "exists; time it here (part_family_finetune)")
+  from legr_jax import methods, train  # pylint: disable=import-outside-toplevel
+  from legr_jax.train import members as members_lib  # pylint: disable=import-outside-toplevel
+  net, variables, ds = setup(res)
+  k, steps = FLAGS.family_budgets, FLAGS.family_steps
+  budgets = [round(0.3 + 0.6 * i / max(1, k - 1), 3) for i in range(k)]
+  l2 = methods.get("l2", safeguard=FLAGS.safeguard)
+  masks = [l2.prune(net, variables, b).masks for b in budgets]
+  config = train.TrainConfig(model=net.name, epochs=1,
+                             batch_size=FLAGS.batch_size, lr=0.01,
+                             nesterov=True, cpu_kernels=FLAGS.cpu_kernels)
+  spe = data.num_batches(len(ds.train), config.batch_size)
+  optimizer, _ = train.build_optimizer(config, spe)
+  res.update(model=net.name, budgets=budgets, steps=steps,
+             devices=len(jax.local_devices()))
+
+  def batches():
+    while True:
+      for epoch in range(1000):
+        yield from data.batches(ds.train, config.batch_size, seed=0,
+                                epoch=epoch, augment=ds.augment,
+                                mean=ds.mean, std=ds.std, prefetch=2)
+
+  t0 = time.perf_counter()
+  seq_steady = 0.0
+  for m in masks:
+    small, sv = surgery.slice_network(net, variables, m)
+    state = train.init_train_state(small, jax.random.PRNGKey(0), optimizer,
+                                   sv)
+    step = jax.jit(functools.partial(train.train_step, small, optimizer),
+                   donate_argnums=(0,))
+    it = batches()
+    for i in range(steps):
+      t1 = time.perf_counter()
+      state, metrics = step(state, next(it), None)
+      jax.block_until_ready(metrics)
+      if i:
+        seq_steady += time.perf_counter() - t1
+  res["sequential_s"] = time.perf_counter() - t0
+  res["sequential_steady_s_per_step"] = seq_steady / (k * max(1, steps - 1))
   res.save()
+  print(f"family of {k}: sequential {res['sequential_s']:.1f} s", flush=True)
+
+  mesh = members_lib.member_mesh()
+  par_net = net.with_ops(ops.XLA)
+  padded = -(-k // mesh.devices.size) * mesh.devices.size
+  stacked = members_lib._stack(  # pylint: disable=protected-access
+      [jax.device_get(train.init_train_state(par_net, jax.random.PRNGKey(0),
+                                             optimizer, variables))]
+      * padded)
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(members_lib.MEMBER_AXIS))
+  t0 = time.perf_counter()
+  state = jax.device_put(stacked, sharding)
+  dev_masks = jax.device_put(members_lib._stack(  # pylint: disable=protected-access
+      [{g: np.asarray(v) for g, v in m.items()} for m in masks]
+      + [masks[-1]] * (padded - k)), sharding)
+  step = members_lib.make_members_step(par_net, optimizer, mesh)
+  it = batches()
+  par_steady = 0.0
+  for i in range(steps):
+    t1 = time.perf_counter()
+    state, metrics = step(state, next(it), dev_masks)
+    jax.block_until_ready(metrics)
+    if i:
+      par_steady += time.perf_counter() - t1
+  res["parallel_s"] = time.perf_counter() - t0
+  res["parallel_steady_s_per_step"] = par_steady / max(1, steps - 1)
+  res["parallel_over_sequential"] = res["parallel_s"] / res["sequential_s"]
+  res["faster"] = ("parallel" if res["parallel_s"] < res["sequential_s"]
+                   else "sequential")
+  res.save()
+  print(f"family of {k}: parallel {res['parallel_s']:.1f} s (ratio "
+        f"{res['parallel_over_sequential']:.2f}; faster: {res['faster']})",
+        flush=True)
 
 
 def _cast(tree, dtype):
@@ -679,6 +754,20 @@ def _figure_lines(part: str, e: dict) -> list[str]:
               f"{r['unpruned_ms']:9.3f} ms, sliced {r['sliced_ms']:9.3f} ms,"
               f" ratio {r['sliced_over_unpruned']:.2f}"
               for r in e.get("rows", [])]
+    return lines
+  if part == "family_finetune":
+    lines = []
+    if "sequential_s" in e:
+      lines.append(f"{len(e['budgets'])} members x {e['steps']} steps: "
+                   f"sequential {e['sequential_s']:.1f} s "
+                   f"({e['sequential_steady_s_per_step'] * 1e3:.1f} ms per "
+                   "member-step steady)")
+    if "parallel_s" in e:
+      lines.append(f"parallel {e['parallel_s']:.1f} s "
+                   f"({e['parallel_steady_s_per_step'] * 1e3:.1f} ms per "
+                   f"step of all members, {e['devices']} device(s)); "
+                   f"ratio {e['parallel_over_sequential']:.2f}, faster: "
+                   f"{e['faster']}")
     return lines
   return []
 

@@ -14,8 +14,6 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# until legr_jax.family.finetune_parallel exists (and is timed by the suite)
-NOT_AVAILABLE = "not available: "
 
 
 def _run(workdir, *flags, timeout=240):
@@ -48,10 +46,7 @@ def test_tiny_suite_reports_every_part(tmp_path):
   assert summary["device_kind"] == "cpu" and summary["jax_version"]
   assert summary["provenance"]["packages"]["jax"] == summary["jax_version"]
   for name, e in parts.items():
-    if name == "family_finetune":
-      assert e["status"].startswith(NOT_AVAILABLE), e
-    else:
-      assert e["status"] == "ok", (name, e)
+    assert e["status"] == "ok", (name, e)
     _positive(e["seconds"], (name, "seconds"))
     _no_tensorflow(e, name)
     # CPU: no memory statistics, said so
@@ -76,6 +71,12 @@ def test_tiny_suite_reports_every_part(tmp_path):
     _positive(tau[key], key)
   assert "goal_met" not in tau   # tiny: no verdict on the GPU goals
 
+  fam = parts["family_finetune"]
+  assert fam["steps"] == 3 and len(fam["budgets"]) == 3
+  for key in ("sequential_s", "parallel_s", "parallel_over_sequential"):
+    _positive(fam[key], key)
+  assert fam["faster"] in ("parallel", "sequential")
+
   lat = parts["latency"]
   assert 0 < lat["flops_fraction"] <= 0.47
   assert lat["sliced_macs"] < lat["unpruned_macs"]
@@ -87,7 +88,7 @@ def test_tiny_suite_reports_every_part(tmp_path):
       _positive(row[f], (key, f))
 
   for line in ("search_tau0      ok", "search_tau200    ok",
-               "family_finetune  n/a", "latency          ok",
+               "family_finetune  ok", "latency          ok",
                "goal: 400 candidates at tau_hat = 0 in under 1 minute"):
     assert line in r.stdout, line
 
@@ -98,7 +99,7 @@ def test_part_timeout_is_recorded_and_other_parts_survive(tmp_path):
   assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
   family, latency = (summary["parts"][p] for p in ("family_finetune",
                                                    "latency"))
-  assert family["status"].startswith(NOT_AVAILABLE), family
+  assert family["status"] == "ok", family
   _no_tensorflow(family, "family_finetune")
   assert latency["status"] == "timeout", latency
   assert "killed after 1 s" in latency["message"]
