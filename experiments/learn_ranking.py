@@ -94,6 +94,14 @@ BUCKET = flags.DEFINE_integer("bucket", 4, "Sliced backend: the validation "
                               "this (the tau_hat steps use exact widths).")
 WORKERS = flags.DEFINE_integer("workers", None, "Sliced backend: candidates "
                                "evaluated concurrently.")
+AGGREGATE = flags.DEFINE_enum(
+    "aggregate", "sum", ["sum", "mean", "max"], "How the scores of layers "
+    "sharing a channel (residual streams) combine: LeGR's sum, or their mean "
+    "or max (ranking.group_scores); experiments.prune follows the ranking.")
+CHAINS = flags.DEFINE_bool(
+    "chains", False, "Also combine over the LeGR reference's cross-stage "
+    "chains (ranking.chain_scores; CIFAR ResNets trained with "
+    "--model_kwargs='{\"pad\": \"append\"}'); sum or mean only.")
 SEED = flags.DEFINE_integer("seed", 0, "Search seed.")
 CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 16, "Checkpoint the "
                                   "search state every this many evaluations.")
@@ -198,6 +206,7 @@ def main(argv):
       val_fraction=tconf.val_fraction, test_size=tconf.test_size,
       split_seed=tconf.split_seed,
       flops=TARGET_FLOPS.value, safeguard=SAFEGUARD.value,
+      aggregate=AGGREGATE.value, chains=CHAINS.value,
       tau_hat=TAU_HAT.value, lr=LR.value, batch_size=BATCH_SIZE.value,
       eval_batch_size=EVAL_BATCH_SIZE.value, val_examples=VAL_EXAMPLES.value,
       population=POPULATION.value, sample=SAMPLE.value,

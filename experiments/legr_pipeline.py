@@ -49,6 +49,12 @@ flags.DEFINE_integer("sample", 4, "Tournament sample size.")
 flags.DEFINE_integer("tau_hat", 0, "SGD steps per candidate in the search.")
 flags.DEFINE_integer("finetune_epochs", 10, "Fine-tuning epochs per budget.")
 flags.DEFINE_float("safeguard", 0.1, "Minimum kept fraction per group.")
+flags.DEFINE_enum("aggregate", "sum", ["sum", "mean", "max"], "Search: how "
+                  "layers sharing a channel combine their scores "
+                  "(experiments.learn_ranking --aggregate).")
+flags.DEFINE_bool("chains", False, "Search: also over the LeGR reference's "
+                  "cross-stage chains (learn_ranking --chains; with "
+                  "pad='append' ResNets).")
 flags.DEFINE_list("extra_train_flags", [], "Passed through to "
                   "experiments.train, e.g. --extra_train_flags=--val_size=1000")
 flags.mark_flag_as_required("workdir")
@@ -94,7 +100,8 @@ def _stages(wd: str) -> list[tuple[str, list[str]]]:
           f"--target_flops={FLAGS.target_flops}",
           f"--tau_hat={FLAGS.tau_hat}", f"--generations={FLAGS.generations}",
           f"--population={FLAGS.population}", f"--sample={FLAGS.sample}",
-          f"--safeguard={FLAGS.safeguard}"]),
+          f"--safeguard={FLAGS.safeguard}", f"--aggregate={FLAGS.aggregate}",
+          f"--{'' if FLAGS.chains else 'no'}chains"]),
       ("experiments.prune", kernels + [
           f"--workdir={pruned}", f"--checkpoint={base}", f"--ranking={rank}",
           f"--budgets={','.join(FLAGS.budgets)}",

@@ -117,9 +117,12 @@ def main(argv):
   if name not in methods.names():
     raise app.UsageError(f"--method={name} is not a pruning method; known: "
                          f"{', '.join(methods.names())}")
+  extra = {"seed": FLAGS.seed}
+  if name == "legr":   # scored as its ranking was learned
+    extra = (legr_lib.learned_settings(FLAGS.ranking)
+             if FLAGS.ranking != "l2" else {})
   try:
-    method = methods.get(name, safeguard=FLAGS.safeguard,
-                         **({"seed": FLAGS.seed} if name != "legr" else {}))
+    method = methods.get(name, safeguard=FLAGS.safeguard, **extra)
   except ValueError as e:
     raise app.UsageError(f"--method: {e}") from None
   artifact = None

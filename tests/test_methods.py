@@ -267,3 +267,59 @@ def test_parse_spec():
   for bad in ("@x=1", "l2@x", "a/b"):
     with pytest.raises(ValueError):
       methods.parse_spec(bad)
+
+
+def test_legr_chains_sum_over_the_reference_cross_stage_chains(tmp_path):
+  """pad='append' ResNet-20: channel j of a stage is channel j of the next
+  (the reference's DownsampleA); with chains=True a stage channel's score is
+  the sum over every chained layer having it (numpy), the search's masks
+  agree with the method's, and a ranking is pruned as it was learned."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from legr_jax.search import fitness  # pylint: disable=g-import-not-at-top
+  net = build("resnet20", pad="append")
+  spec = net.spec
+  variables = numpy_variables(net, 1)
+  rng = np.random.default_rng(0)
+  alpha = {n: float(np.exp(rng.normal())) for n in spec.layer_names}
+  kappa = {n: float(rng.normal(0, 0.1)) for n in spec.layer_names}
+  layer = {k: np.asarray(v) for k, v in ranking.affine_scores(
+      ranking.filter_norms(spec, variables["params"]), alpha, kappa).items()}
+  streams = sorted((g for g in spec.groups if len(g.members) > 1),
+                   key=lambda g: g.size)
+  assert [g.size for g in streams] == [16, 32, 64]
+  expect = {}
+  for g in streams:
+    total = np.zeros(g.size)
+    for h in streams:
+      for m in h.members:
+        n = min(g.size, len(layer[m]))
+        total[:n] += layer[m][:n]
+    expect[g.name] = total
+  path = tmp_path / "ranking.json"
+  path.write_text(json.dumps({
+      "layers": {n: {"alpha": alpha[n], "kappa": kappa[n]}
+                 for n in spec.layer_names}, "loss": 1.0,
+      "aggregate": "sum", "chains": True}))
+  method = methods.get("legr", chains=True)
+  got = method.scores(spec, variables["params"], str(path))
+  for g in streams:
+    np.testing.assert_allclose(got[g.name], expect[g.name], rtol=1e-5)
+  budget = methods.Budget("flops", 0.47)
+  masks = method.prune(net, variables, budget, artifact=str(path)).masks
+  _check_within_one_channel(spec, masks, budget)
+  plain = methods.get("legr").scores
+  with pytest.raises(ValueError, match="learned with.*legr@aggregate=sum"
+                     r"\+chains=True"):
+    plain(spec, variables["params"], str(path))
+  # the search's candidate masks use the same scores
+  names = spec.layer_names
+  cfg = fitness.FitnessConfig(flops=0.47, safeguard=0.1, chains=True)
+  m2, feasible, _ = jax.jit(lambda a, k: fitness.candidate_masks(
+      spec, ranking.filter_norms(spec, variables["params"]), a, k, cfg))(
+          np.array([alpha[n] for n in names], np.float32),
+          np.array([kappa[n] for n in names], np.float32))
+  assert bool(feasible)
+  for g in masks:
+    np.testing.assert_array_equal(np.asarray(m2[g]), masks[g])
+  with pytest.raises(ValueError, match="not 'max'"):
+    methods.get("legr", chains=True, aggregate="max")

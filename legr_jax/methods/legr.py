@@ -83,6 +83,7 @@ class LeGR(GlobalRanking):
   artifact_file = RANKING_JSON
 
   aggregate: str = "sum"   # coupled channels (ranking.group_scores)
+  chains: bool = False     # + cross-stage chains (ranking.chain_scores)
   tau_hat: int = 0
   evaluations: int = 400
   population: int = 64
@@ -106,7 +107,7 @@ class LeGR(GlobalRanking):
     return search.SearchConfig(
         net_config=net.config, flops=budget.fraction,
         safeguard=self.safeguard, aggregate=self.aggregate,
-        tau_hat=self.tau_hat, lr=self.lr,
+        chains=self.chains, tau_hat=self.tau_hat, lr=self.lr,
         batch_size=self.batch_size, val_examples=self.val_examples,
         population=self.population, sample=self.sample,
         evaluations=self.evaluations, mutate_fraction=self.mutate_fraction,
@@ -122,9 +123,40 @@ class LeGR(GlobalRanking):
                   log=log)
     return os.path.join(workdir, RANKING_JSON)
 
+  def __post_init__(self):
+    super().__post_init__()
+    if self.chains and self.aggregate == "max":
+      raise ValueError("legr: chains aggregate by 'sum' or 'mean' "
+                       "(ranking.chain_scores), not 'max'")
+
   def scores(self, spec, params, artifact):
     alpha, kappa = load_affine(artifact, spec.layer_names)
+    learned = learned_settings(artifact)
+    mine = {"aggregate": self.aggregate, "chains": self.chains}
+    diff = {k: v for k, v in learned.items() if mine[k] != v}
+    if diff:
+      raise ValueError(
+          f"{artifact} was learned with {learned}, this legr method has "
+          f"{mine}: prune with the settings it was learned with (e.g. "
+          + "legr@" + "+".join(f"{k}={v}" for k, v in learned.items()) + ")")
     norms = ranking.filter_norms(spec, params)
-    return {k: np.asarray(v) for k, v in ranking.group_scores(
-        spec, ranking.affine_scores(norms, alpha, kappa),
-        self.aggregate).items()}
+    scores = ranking.group_scores(
+        spec, ranking.affine_scores(norms, alpha, kappa), self.aggregate)
+    if self.chains:
+      scores = ranking.chain_scores(spec, scores, self.aggregate)
+    return {k: np.asarray(v) for k, v in scores.items()}
+
+
+def learned_settings(artifact: str) -> dict:
+  """``{'aggregate', 'chains'}`` a ranking.json was learned with (rankings
+  written before they were recorded: LeGR's sum, no chains)."""
+  path = artifact
+  if os.path.isdir(path):
+    path = os.path.join(path, RANKING_JSON)
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError):
+    return {"aggregate": "sum", "chains": False}
+  return {"aggregate": data.get("aggregate", "sum"),
+          "chains": bool(data.get("chains", False))}

@@ -77,7 +77,9 @@ class SearchConfig:
   ``val_size``/``val_fraction`` and ``split_seed`` (default: the baseline's
   own split, so the search never validates on training images).
   ``aggregate``: how coupled channels' scores combine (`ranking.group_scores`:
-  'sum', LeGR's, 'mean' or 'max'). Fitness and
+  'sum', LeGR's, 'mean' or 'max'); ``chains``: then also over the LeGR
+  reference's cross-stage chains (`ranking.chain_scores`, 'sum' or 'mean';
+  CIFAR ResNets built with ``pad='append'``). Fitness and
   evolution: see `fitness.FitnessConfig`, `evolution.EvolutionConfig`;
   ``candidates_per_round`` is K of the batched variant (1: sequential).
   Compute (operational): ``backend``, ``bucket``, ``workers`` (see
@@ -95,6 +97,7 @@ class SearchConfig:
   flops: float = 0.47
   safeguard: float = 0.1
   aggregate: str = "sum"
+  chains: bool = False
   tau_hat: int = 0
   lr: float = 0.01
   momentum: float = 0.9
@@ -127,6 +130,9 @@ class SearchConfig:
     if self.aggregate not in ("sum", "mean", "max"):
       raise ValueError(f"aggregate must be 'sum', 'mean' or 'max' "
                        f"(ranking.group_scores), got {self.aggregate!r}")
+    if self.chains and self.aggregate == "max":
+      raise ValueError("chains aggregate by 'sum' or 'mean' "
+                       "(ranking.chain_scores), not 'max'")
     if self.candidates_per_round < 1:
       raise ValueError("candidates_per_round must be >= 1")
     if self.backend not in fitness.BACKENDS:
@@ -142,7 +148,7 @@ class SearchConfig:
   def fitness_config(self) -> fitness.FitnessConfig:
     return fitness.FitnessConfig(
         flops=self.flops, safeguard=self.safeguard, aggregate=self.aggregate,
-        tau_hat=self.tau_hat,
+        chains=self.chains, tau_hat=self.tau_hat,
         lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
         batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
         val_examples=self.val_examples, data_seed=self.seed)
@@ -443,7 +449,8 @@ def search(config: SearchConfig, workdir: str, *, net, variables, dataset,
           "flops_target": config.flops, "safeguard": config.safeguard,
           "tau_hat": config.tau_hat, "model": net.name,
           "baseline": config.baseline, "seed": config.seed,
-          "evaluations": config.evaluations}
+          "evaluations": config.evaluations, "aggregate": config.aggregate,
+          "chains": config.chains}
   state_lib.save_ranking(workdir, layer_names, alpha, kappa, info)
   try:
     if primary:

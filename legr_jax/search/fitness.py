@@ -93,6 +93,8 @@ class FitnessConfig:
   val_examples: int | None = None  # first n of the validation split (None: all)
   data_seed: int = 0           # order and augmentation of the training batches
   aggregate: str = "sum"       # coupled channels' score (ranking.group_scores)
+  chains: bool = False         # + the reference's cross-stage chains
+                               # (ranking.chain_scores; pad='append' nets)
 
 
 @dataclasses.dataclass
@@ -164,6 +166,8 @@ def candidate_masks(spec, norms, alpha, kappa, config: FitnessConfig):
   scores = ranking.group_scores(spec, ranking.affine_scores(
       norms, dict(zip(layers, alpha)), dict(zip(layers, kappa))),
                                 reduce=config.aggregate)
+  if config.chains:
+    scores = ranking.chain_scores(spec, scores, reduce=config.aggregate)
   masks, feasible = ranking.masks_for_budget(
       spec, scores, flops=config.flops, safeguard=config.safeguard)
   frac = cost_lib.flops(spec, masks) / cost_lib.unpruned(spec)
