@@ -21,8 +21,9 @@ def test_masks_none_equals_all_ones(model_name):
   net = build(model_name)
   variables = perturbed_variables(net, 0)
   x = jax.random.normal(jax.random.key(1), (2,) + net.input_shape)
-  a = net.apply(variables, x, None)
-  b = net.apply(variables, x, net.spec.full_masks())
+  # jitted: op-by-op dispatch of a deep network costs more than a compile
+  a = jax.jit(lambda v, x: net.apply(v, x, None))(variables, x)
+  b = jax.jit(net.apply)(variables, x, net.spec.full_masks())
   assert a.shape == (2, 10)
   np.testing.assert_allclose(a, b, rtol=0, atol=0)
 
@@ -183,8 +184,9 @@ def test_wrong_image_size_is_refused():
                                   "resnet50"])
 def test_cifar_models_run_on_digits_shape(name):
   net = models.get(name, num_classes=10, input_shape=(8, 8, 1))
-  variables = net.init(jax.random.key(0))
-  logits = net.apply(variables, jnp.ones((3, 8, 8, 1)), net.spec.full_masks())
+  variables = jax.jit(net.init)(jax.random.key(0))
+  logits = jax.jit(net.apply)(variables, jnp.ones((3, 8, 8, 1)),
+                              net.spec.full_masks())
   assert logits.shape == (3, 10)
   assert bool(jnp.all(jnp.isfinite(logits)))
 
@@ -215,3 +217,36 @@ def test_variable_shapes_are_what_init_returns(model_name):
   want = jax.tree.map(lambda a: (a.shape, a.dtype),
                       jax.eval_shape(net.init, jax.random.key(0)))
   assert got == want
+
+
+@pytest.mark.parametrize("depth", [20, 32, 56, 110])
+def test_cifar_resnet_structure_and_cost_follow_the_closed_form(depth):
+  """Every CIFAR ResNet (the deep ones are left out of the other tests'
+  parametrizations): 3 stage streams of n = (depth - 2) / 6 blocks, a
+  block-internal group per block, and MACs / params by hand (option-A
+  shortcuts cost nothing)."""
+  from legr_jax import cost  # pylint: disable=g-import-not-at-top
+  net = build(f"resnet{depth}")
+  spec = net.spec
+  n = (depth - 2) // 6
+  assert len(spec.layer_names) == 6 * n + 1
+  sizes = sorted((g.size, len(g.members)) for g in spec.groups)
+  streams = [s for s in sizes if s[1] > 1]
+  assert streams == [(16, n + 1), (32, n), (64, n)]
+  assert len(spec.groups) == 3 + 3 * n
+  macs = params = 0
+  hw, cin = 32 * 32, 3
+  for stage, width in enumerate((16, 32, 64)):
+    convs = [(cin, width)] if stage == 0 else []
+    if stage:
+      hw //= 4
+    convs += [(cin if (stage and i == 0) else width, width)
+              for i in range(2 * n)]
+    cin = width
+    for a, b in convs:
+      macs += hw * 9 * a * b
+      params += 9 * a * b + 2 * b          # kernel + BatchNorm scale, bias
+  macs += 64 * 10
+  params += 64 * 10 + 10
+  assert cost.unpruned(spec, "flops") == macs
+  assert cost.unpruned(spec, "params") == params

@@ -115,6 +115,8 @@ def test_cpu_ops_give_xla_results(model_name):
   small, small_vars = surgery.slice_network(net, variables, masks)
   x = jax.random.normal(jax.random.key(3), (8,) + net.input_shape)
 
+  train_grads_compared = model_name in ("cnn_small", "resnet20", "vgg16")
+
   def run(variant):
     n = small.with_ops(variant)
 
@@ -128,15 +130,20 @@ def test_cpu_ops_give_xla_results(model_name):
     grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1,
                    compiler_options=opts)
     eval_grads, _ = grad(small_vars, False)
-    train_grads, stats = grad(small_vars, True)
-    return logits, eval_grads["params"], stats, train_grads["params"]
+    if train_grads_compared:
+      train_grads, stats = grad(small_vars, True)
+      return logits, eval_grads["params"], stats, train_grads["params"]
+    # (the deep ones' training gradients are not compared: no compile)
+    stats = jax.jit(lambda v: n.apply(v, x, train=True)[1],
+                    compiler_options=opts)(small_vars)
+    return logits, eval_grads["params"], stats, None
 
   fast, plain = run(ops.resolve("auto")), run(ops.XLA)
   np.testing.assert_allclose(fast[0], plain[0], rtol=2e-4, atol=2e-4)
   assert _max_rel_err(fast[1], plain[1]) < 1e-3
   for a, b in zip(jax.tree.leaves(fast[2]), jax.tree.leaves(plain[2])):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
-  if model_name in ("cnn_small", "resnet20", "vgg16"):
+  if train_grads_compared:
     assert _max_rel_err(fast[3], plain[3]) < 1e-3
 
 
