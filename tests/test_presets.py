@@ -218,6 +218,7 @@ def test_preset_dry_run(name, fake_data_dir, tmp_path):
       assert base["model_kwargs"] == {"pad": "append"}
     search = json.load(open(wd / "ranking" / "search_config.json"))
     assert search["flops"] == float(f["target_flops"])
+    assert search["chains"] == (f.get("chains") == "true")
     summary = json.load(open(wd / "pruned" / "summary.json"))
     budgets = [float(b) for b in f["budgets"].split(",")]
   else:
