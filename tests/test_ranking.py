@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 import legr_jax
+from conftest import ALL_MODELS
 from legr_jax import cost, ranking
 
-MODELS = legr_jax.models.known_models()
+MODELS = ALL_MODELS   # conftest: the zoo less resnet32/110 (resnet20's blocks)
 # Small inputs where they do not change what is tested (costs still depend on
 # the spatial sizes; the channel structure does not).
 INPUT_SHAPES = {"resnet50": (32, 32, 3), "vgg16": (32, 32, 3),
