@@ -46,7 +46,11 @@ flags.DEFINE_list("budgets", ["0.3", "0.5", "0.7"], "FLOPs budgets of the "
 flags.DEFINE_integer("generations", 64, "Search evaluations in total.")
 flags.DEFINE_integer("population", 16, "Search population size.")
 flags.DEFINE_integer("sample", 4, "Tournament sample size.")
-flags.DEFINE_integer("tau_hat", 0, "SGD steps per candidate in the search.")
+flags.DEFINE_integer("tau_hat", 20, "SGD steps per candidate in the search "
+                     "before its validation loss (20 by default: at 0, every "
+                     "pruned candidate is near chance and the search "
+                     "favours networks whose outputs collapse to uniform; "
+                     "benchmarks/RESULTS.md, issue 20's study).")
 flags.DEFINE_integer("finetune_epochs", 10, "Fine-tuning epochs per budget.")
 flags.DEFINE_float("safeguard", 0.1, "Minimum kept fraction per group.")
 flags.DEFINE_enum("aggregate", "sum", ["sum", "mean", "max"], "Search: how "
