@@ -451,6 +451,7 @@ def _compare(budgets, names, seeds, cpu_kernels, loaded, methods, family,
   for seed in seeds:
     sdir = os.path.join(FLAGS.workdir, f"seed_{seed}")
     finetune = common.finetune_config(base_config, cpu_kernels, seed=seed)
+    jobs = []
     for label, name, options in names:
       kw = {"safeguard": FLAGS.safeguard, "seed": seed}
       if name == "legr":
@@ -478,15 +479,20 @@ def _compare(budgets, names, seeds, cpu_kernels, loaded, methods, family,
           if os.path.exists(result):   # the search's own time, resumed too
             with open(result) as f:
               learn_s = json.load(f).get("search_time_s", learn_s)
-      try:
-        out = family.prune_family(
-            net, variables, ds, method, budgets,
-            workdir=os.path.join(sdir, label), finetune=finetune,
-            artifact=artifact, latency_batch=FLAGS.latency_batch,
-            progress=FLAGS.progress, log=common.log,
-            finetune_mode=FLAGS.finetune_mode)
-      except methods.InfeasibleBudgetError as e:
-        raise common.UserError(f"{label}: {e}") from None
+      jobs.append((label, learn_s, family.FamilyJob(
+          method, os.path.join(sdir, label), artifact)))
+    # every method's members of this seed together (parallel mode: one
+    # batched fine-tuning of K methods x budgets)
+    try:
+      outs = family.prune_families(
+          net, variables, ds, [j for _, _, j in jobs], budgets,
+          finetune=finetune, latency_batch=FLAGS.latency_batch,
+          progress=FLAGS.progress, log=common.log,
+          finetune_mode=FLAGS.finetune_mode,
+          parallel_workdir=os.path.join(sdir, family.PARALLEL_DIR))
+    except methods.InfeasibleBudgetError as e:
+      raise common.UserError(str(e)) from None
+    for (label, learn_s, _), out in zip(jobs, outs):
       for r in out:
         r = dict(r, method=label, seed=seed, learn_seconds=learn_s)
         r["method_seconds"] = r["method_seconds"] + learn_s

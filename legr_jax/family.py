@@ -23,6 +23,7 @@ Accuracies: ``val_*`` on the validation split (what methods may look at),
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -329,6 +330,16 @@ def resolve_latency_budget(net, variables, method: Method,
   return Budget("flops", best), found
 
 
+@dataclasses.dataclass
+class FamilyJob:
+  """One method's family in `prune_families`: its workdir (a
+  `prune_family` workdir), learned artifact and extra summary fields."""
+  method: Method
+  workdir: str
+  artifact: str | None = None
+  summary_extra: dict | None = None
+
+
 def prune_family(net, variables, dataset, method: Method,
                  budgets: Sequence, *, workdir: str, finetune=None,
                  artifact: str | None = None, round_to: int = 1,
@@ -350,6 +361,27 @@ def prune_family(net, variables, dataset, method: Method,
   (`default_finetune_mode`). Both give the same members up to float
   summation order.
   """
+  return prune_families(
+      net, variables, dataset, [FamilyJob(method, workdir, artifact,
+                                          summary_extra)], budgets,
+      finetune=finetune, round_to=round_to, latency_batch=latency_batch,
+      latency_repeats=latency_repeats, overwrite=overwrite,
+      progress=progress, log=log, finetune_mode=finetune_mode,
+      latency_fn=latency_fn)[0]
+
+
+def prune_families(net, variables, dataset, jobs: Sequence[FamilyJob],
+                   budgets: Sequence, *, finetune=None, round_to: int = 1,
+                   latency_batch: int = 128, latency_repeats: int = 10,
+                   overwrite: bool = False, progress: bool = True,
+                   log: Callable[[str], None] = print,
+                   finetune_mode: str = "auto", latency_fn=None,
+                   parallel_workdir: str | None = None) -> list[list[dict]]:
+  """`prune_family` of several methods at once (``experiments.compare``):
+  in 'parallel' mode every unfinished member of every job (K methods x
+  budgets) is fine-tuned in one `train.members.fit_members` run (in
+  ``parallel_workdir``, default the first job's ``parallel_finetune``);
+  returns each job's rows."""
   from legr_jax import train  # pylint: disable=import-outside-toplevel
   from legr_jax.train import members as members_lib  # pylint: disable=import-outside-toplevel
   if finetune_mode not in FINETUNE_MODES:
@@ -359,31 +391,36 @@ def prune_family(net, variables, dataset, method: Method,
                    key=lambda b: (b.metric, b.fraction))
   if not budgets:
     raise ValueError("give at least one budget")
+  if not jobs:
+    raise ValueError("give at least one method")
   mode = (default_finetune_mode() if finetune_mode == "auto"
           else finetune_mode)
-  os.makedirs(workdir, exist_ok=True)
-  provenance.record_session(workdir, {"job": "prune_family",
-                                      "method": method.config(),
-                                      "finetune_mode": mode})
-  preps, extras = [], []
-  for b in budgets:
-    extra = {"finetune_mode": mode}
-    if b.metric == "latency":
-      solved, found = resolve_latency_budget(
-          net, variables, method, b, workdir=workdir, artifact=artifact,
-          round_to=round_to, latency_batch=latency_batch,
-          latency_repeats=latency_repeats, latency_fn=latency_fn, log=log)
-      extra.update(latency_budget_flops=solved.fraction,
-                   latency_budget_target_ms=found["target_ms"])
-    else:
-      solved = b
-    preps.append(_Prepared(net, variables, method, solved,
-                           workdir=os.path.join(workdir,
-                                                member_name(b, round_to)),
-                           finetune=finetune, artifact=artifact,
-                           round_to=round_to, latency_batch=latency_batch,
-                           overwrite=overwrite, requested=b))
-    extras.append(extra)
+  preps, extras, owner = [], [], []
+  for j, job in enumerate(jobs):
+    method, workdir, artifact = job.method, job.workdir, job.artifact
+    os.makedirs(workdir, exist_ok=True)
+    provenance.record_session(workdir, {"job": "prune_family",
+                                        "method": method.config(),
+                                        "finetune_mode": mode})
+    for b in budgets:
+      extra = {"finetune_mode": mode}
+      if b.metric == "latency":
+        solved, found = resolve_latency_budget(
+            net, variables, method, b, workdir=workdir, artifact=artifact,
+            round_to=round_to, latency_batch=latency_batch,
+            latency_repeats=latency_repeats, latency_fn=latency_fn, log=log)
+        extra.update(latency_budget_flops=solved.fraction,
+                     latency_budget_target_ms=found["target_ms"])
+      else:
+        solved = b
+      preps.append(_Prepared(net, variables, method, solved,
+                             workdir=os.path.join(workdir,
+                                                  member_name(b, round_to)),
+                             finetune=finetune, artifact=artifact,
+                             round_to=round_to, latency_batch=latency_batch,
+                             overwrite=overwrite, requested=b))
+      extras.append(extra)
+      owner.append(j)
   todo = [i for i, p in enumerate(preps) if p.cached is None]
   befores = {i: _evaluate(preps[i].small, preps[i].small_vars, dataset, "",
                           "_pruned") for i in todo}
@@ -391,13 +428,15 @@ def prune_family(net, variables, dataset, method: Method,
   if finetune is not None and todo and mode == "parallel":
     t0 = time.perf_counter()
     fulls = members_lib.fit_members(
-        finetune, os.path.join(workdir, PARALLEL_DIR), net=net,
-        variables=[preps[i].full for i in todo],
+        finetune, parallel_workdir or os.path.join(jobs[0].workdir,
+                                                   PARALLEL_DIR),
+        net=net, variables=[preps[i].full for i in todo],
         masks=[preps[i].pruned.masks for i in todo], dataset=dataset,
         progress=progress, log=log)
     for i, fv in zip(todo, fulls):
       tuned[i] = surgery.slice_network(net, fv, preps[i].pruned.masks)[1]
       extras[i]["finetune_seconds"] = (time.perf_counter() - t0) / len(todo)
+      extras[i]["finetune_members_together"] = len(todo)
   elif finetune is not None:
     for i in todo:
       t0 = time.perf_counter()
@@ -406,33 +445,39 @@ def prune_family(net, variables, dataset, method: Method,
                            overwrite=overwrite, progress=progress,
                            log=log).variables
       extras[i]["finetune_seconds"] = time.perf_counter() - t0
-  members = []
-  for i, p in enumerate(preps):
-    if p.cached is not None:
-      m = _reuse(method, p, dataset, finetune, log)
-    else:
-      m = _finish(net, method, p, dataset, tuned[i], befores[i], finetune,
-                  latency_batch, latency_repeats, extras[i])
-    members.append(m)
-    r = m.metrics
-    log(f"[{method.name} {m.name}] {r['flops_fraction']:.3f} of the MACs, "
-        f"{r['params_fraction']:.3f} of the params; val acc right after "
-        f"pruning {r['val_accuracy_pruned']:.4f}, after fine-tuning "
-        f"{r['val_accuracy']:.4f}")
-  index = pareto.save(os.path.join(workdir, "pareto"), members,
-                      overwrite=True)
-  try:
-    pareto.plot(os.path.join(workdir, "pareto"),
-                os.path.join(workdir, "pareto", pareto.PLOT),
-                title=f"{method.name}: {net.name}")
-  except Exception as e:  # pylint: disable=broad-except
-    log(f"warning: could not draw {pareto.PLOT}: {e}")
-  rows = [dict(m.metrics, name=m.name, pareto_optimal=e["pareto_optimal"])
-          for m, e in zip(members, index["members"])]
-  _json(os.path.join(workdir, SUMMARY), {
-      "method": method.config(), "round_to": round_to,
-      "artifact": artifact and os.path.abspath(artifact),
-      "unpruned_flops": cost.unpruned(net.spec, "flops"),
-      "unpruned_params": cost.unpruned(net.spec, "params"),
-      **(summary_extra or {}), "members": rows})
-  return rows
+  out = []
+  for j, job in enumerate(jobs):
+    method, workdir = job.method, job.workdir
+    members = []
+    for i, p in enumerate(preps):
+      if owner[i] != j:
+        continue
+      if p.cached is not None:
+        m = _reuse(method, p, dataset, finetune, log)
+      else:
+        m = _finish(net, method, p, dataset, tuned[i], befores[i], finetune,
+                    latency_batch, latency_repeats, extras[i])
+      members.append(m)
+      r = m.metrics
+      log(f"[{method.name} {m.name}] {r['flops_fraction']:.3f} of the MACs, "
+          f"{r['params_fraction']:.3f} of the params; val acc right after "
+          f"pruning {r['val_accuracy_pruned']:.4f}, after fine-tuning "
+          f"{r['val_accuracy']:.4f}")
+    index = pareto.save(os.path.join(workdir, "pareto"), members,
+                        overwrite=True)
+    try:
+      pareto.plot(os.path.join(workdir, "pareto"),
+                  os.path.join(workdir, "pareto", pareto.PLOT),
+                  title=f"{method.name}: {net.name}")
+    except Exception as e:  # pylint: disable=broad-except
+      log(f"warning: could not draw {pareto.PLOT}: {e}")
+    rows = [dict(m.metrics, name=m.name, pareto_optimal=e["pareto_optimal"])
+            for m, e in zip(members, index["members"])]
+    _json(os.path.join(workdir, SUMMARY), {
+        "method": method.config(), "round_to": round_to,
+        "artifact": job.artifact and os.path.abspath(job.artifact),
+        "unpruned_flops": cost.unpruned(net.spec, "flops"),
+        "unpruned_params": cost.unpruned(net.spec, "params"),
+        **(job.summary_extra or {}), "members": rows})
+    out.append(rows)
+  return out

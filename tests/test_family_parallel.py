@@ -225,31 +225,38 @@ def pretrained(npz):
 
 
 def test_parallel_and_sequential_families_agree(pretrained, npz, tmp_path):
+  """Two methods x two budgets: one batched fine-tuning of the four members
+  (prune_families, as experiments.compare calls it) against each method's
+  family fine-tuned one member after another."""
   net, v, ds = pretrained
   ft = _config(npz, epochs=1)
-  rows = {}
-  for mode in ("parallel", "sequential"):
-    rows[mode] = family.prune_family(
-        net, v, ds, methods.get("l2"), ["0.4", "0.7"],
-        workdir=str(tmp_path / mode), finetune=ft, finetune_mode=mode,
-        latency_batch=8, latency_repeats=2, progress=False,
-        log=lambda s: None)
-  for p, s in zip(rows["parallel"], rows["sequential"]):
-    assert p["finetune_mode"] == "parallel"
-    assert s["finetune_mode"] == "sequential"
-    assert p["flops"] == s["flops"]
-    assert abs(p["val_loss"] - s["val_loss"]) < 1e-4
-    assert p["val_accuracy"] == s["val_accuracy"]
-    assert p["val_loss"] != p["val_loss_pruned"]    # it was fine-tuned
-    assert p["latency_ms_batch1"] > 0 and p["latency_ms"] > 0
+  kw = dict(finetune=ft, latency_batch=8, latency_repeats=2, progress=False,
+            log=lambda s: None)
+  names = ("l2", "uniform")
+  par = family.prune_families(
+      net, v, ds, [family.FamilyJob(methods.get(n), str(tmp_path / "p" / n))
+                   for n in names], ["0.4", "0.7"], finetune_mode="parallel",
+      parallel_workdir=str(tmp_path / "p" / "together"), **kw)
+  seq = [family.prune_family(net, v, ds, methods.get(n), ["0.4", "0.7"],
+                             workdir=str(tmp_path / "s" / n),
+                             finetune_mode="sequential", **kw)
+         for n in names]
+  for rows_p, rows_s in zip(par, seq):
+    for p, s in zip(rows_p, rows_s):
+      assert p["finetune_mode"] == "parallel"
+      assert p["finetune_members_together"] == 4
+      assert s["finetune_mode"] == "sequential"
+      assert p["flops"] == s["flops"] and p["method"] == s["method"]
+      assert abs(p["val_loss"] - s["val_loss"]) < 1e-4
+      assert p["val_accuracy"] == s["val_accuracy"]
+      assert p["val_loss"] != p["val_loss_pruned"]    # it was fine-tuned
+      assert p["latency_ms_batch1"] > 0 and p["latency_ms"] > 0
+  assert par[0][0]["flops"] != par[1][0]["flops"]   # two different methods
   # a rerun reuses the finished members (their variables from final/)
   again = family.prune_family(
       net, v, ds, methods.get("l2"), ["0.4", "0.7"],
-      workdir=str(tmp_path / "parallel"), finetune=ft,
-      finetune_mode="parallel", latency_batch=8, latency_repeats=2,
-      progress=False, log=lambda s: None)
-  assert [r["val_loss"] for r in again] == [
-      r["val_loss"] for r in rows["parallel"]]
+      workdir=str(tmp_path / "p" / "l2"), finetune_mode="parallel", **kw)
+  assert [r["val_loss"] for r in again] == [r["val_loss"] for r in par[0]]
 
 
 def _fake_latency(calls):
