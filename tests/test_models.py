@@ -25,7 +25,8 @@ def test_masks_none_equals_all_ones(model_name):
   a = jax.jit(lambda v, x: net.apply(v, x, None))(variables, x)
   b = jax.jit(net.apply)(variables, x, net.spec.full_masks())
   assert a.shape == (2, 10)
-  np.testing.assert_allclose(a, b, rtol=0, atol=0)
+  # two programs (no mask / x1.0 masks): XLA may fuse them differently
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
 def test_group_members_have_equal_width_and_cover_every_conv(model_name):
