@@ -24,6 +24,19 @@ def build(name, **kwargs):
                     **kwargs)
 
 
+def check_within_one_channel(spec, masks, budget):
+  """The budget contract of every method: cost at most floor(fraction *
+  unpruned), and one more channel of any group would not fit."""
+  from legr_jax.methods import budget as B  # pylint: disable=g-import-not-at-top
+  counts = B.counts_of(spec, masks)
+  got = B.cost_of_counts(spec, counts, budget.metric)
+  limit = B.threshold(spec, budget)
+  assert got <= limit, (budget, got, limit)
+  marginal = B.marginal_costs(spec, counts, budget.metric)
+  # one more channel of some group would not fit: the slack is below it
+  assert limit - got < marginal.max(), (budget, limit - got, marginal.max())
+
+
 def random_masks(spec, seed, keep_prob=0.6):
   """Random 0/1 masks keeping at least one channel per group."""
   rng = np.random.default_rng(seed)

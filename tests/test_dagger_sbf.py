@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import ALL_MODELS, TEST_SHAPES, build, numpy_variables
+from conftest import (ALL_MODELS, TEST_SHAPES, build,
+                      check_within_one_channel, numpy_variables)
 from legr_jax import data, gates, methods
 from legr_jax.methods import budget as B
 from legr_jax.methods import dagger as dagger_lib
@@ -45,14 +46,6 @@ def nets():
     return cache[name]
   return get
 
-
-def _check_within_one_channel(spec, masks, budget):
-  counts = B.counts_of(spec, masks)
-  got = B.cost_of_counts(spec, counts, budget.metric)
-  limit = B.threshold(spec, budget)
-  assert got <= limit, (budget, got, limit)
-  marginal = B.marginal_costs(spec, counts, budget.metric)
-  assert limit - got < marginal.max(), (budget, limit - got, marginal.max())
 
 
 def _scores(path):
@@ -90,7 +83,7 @@ def test_budget_met_within_one_channel(nets, model_name, method, tmp_path):
       mask = np.asarray(pruned.masks[g.name])
       assert mask.shape == (g.size,) and set(np.unique(mask)) <= {0.0, 1.0}
     assert np.all(B.counts_of(net.spec, pruned.masks) >= protected)
-    _check_within_one_channel(net.spec, pruned.masks, budget)
+    check_within_one_channel(net.spec, pruned.masks, budget)
 
 
 @pytest.mark.parametrize("method", LEARNED)

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ALL_MODELS, build, numpy_variables, perturbed_variables
+from conftest import (ALL_MODELS, build, check_within_one_channel,
+                      numpy_variables, perturbed_variables)
 from legr_jax import methods, ranking
 from legr_jax.methods import budget as B
 
@@ -39,16 +40,6 @@ def _write_ranking(path, spec, seed):
   return str(path)
 
 
-def _check_within_one_channel(spec, masks, budget):
-  counts = B.counts_of(spec, masks)
-  got = B.cost_of_counts(spec, counts, budget.metric)
-  limit = B.threshold(spec, budget)
-  assert got <= limit, (budget, got, limit)
-  marginal = B.marginal_costs(spec, counts, budget.metric)
-  # one more channel of some group would not fit: the slack is below it
-  assert limit - got < marginal.max(), (budget, limit - got, marginal.max())
-
-
 # Every method on the light models; on the heavy ones one method per budget
 # path (l2: global ranking; uniform: knob bisection + fill; legr: the
 # artifact). clr_rnf meets budgets on every model in test_clr_rnf.py.
@@ -74,7 +65,7 @@ def test_budget_met_within_one_channel(nets, model_name, method, budget,
     assert mask.shape == (g.size,) and set(np.unique(mask)) <= {0.0, 1.0}
   protected = B.protected_counts(net.spec, 0.1)
   assert np.all(B.counts_of(net.spec, pruned.masks) >= protected)
-  _check_within_one_channel(net.spec, pruned.masks, budget)
+  check_within_one_channel(net.spec, pruned.masks, budget)
 
 
 @pytest.mark.parametrize("method", DATA_FREE)
@@ -213,7 +204,7 @@ def test_registry_names_get_and_user_methods(nets):
   budget = methods.Budget("flops", 0.5)
   rev = methods.get("reverse_l2_test").prune(net, variables, budget)
   l2 = methods.get("l2").prune(net, variables, budget)
-  _check_within_one_channel(net.spec, rev.masks, budget)
+  check_within_one_channel(net.spec, rev.masks, budget)
   assert any(not np.array_equal(rev.masks[g], l2.masks[g]) for g in l2.masks)
 
 
@@ -254,7 +245,7 @@ def test_aggregate_options_change_coupled_scores(nets):
   a = methods.get("l2").prune(net, variables, budget).masks
   b = methods.get("l2", aggregate="mean").prune(net, variables, budget).masks
   assert any(not np.array_equal(a[g], b[g]) for g in a)
-  _check_within_one_channel(spec, b, budget)
+  check_within_one_channel(spec, b, budget)
   with pytest.raises(ValueError, match="aggregate"):
     methods.get("l2", aggregate="avg")
 
@@ -306,7 +297,7 @@ def test_legr_chains_sum_over_the_reference_cross_stage_chains(tmp_path):
     np.testing.assert_allclose(got[g.name], expect[g.name], rtol=1e-5)
   budget = methods.Budget("flops", 0.47)
   masks = method.prune(net, variables, budget, artifact=str(path)).masks
-  _check_within_one_channel(spec, masks, budget)
+  check_within_one_channel(spec, masks, budget)
   plain = methods.get("legr").scores
   with pytest.raises(ValueError, match="learned with.*legr@aggregate=sum"
                      r"\+chains=True"):
